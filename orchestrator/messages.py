@@ -1,0 +1,155 @@
+"""What a request message is, and how a raw broker body becomes one (or a rejection).
+
+Validation happens here, before anything reaches the store, a URL or AEP: a message that fails is
+rejected with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+InputFormat = Literal["json", "parquet", "csv"]
+INPUT_FORMATS: frozenset[str] = frozenset({"json", "parquet", "csv"})
+
+# Dataset ids are opaque to us, but they end up in a JSON body and in catalog query strings:
+# letters, digits, '-' and '_' cover every id AEP issues and nothing that could smuggle syntax.
+DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+# Request ids are the producer's idempotency keys: any printable text without control characters.
+REQUEST_ID = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+MAX_TAGS = 64
+
+
+class InvalidMessage(ValueError):
+    """The message can never become a batch; the text says why."""
+
+
+@dataclass(frozen=True)
+class BatchRequest:
+    """One validated request: everything the dispatcher needs to create its batch."""
+
+    request_id: str
+    dataset_id: str
+    input_format: InputFormat | None = None
+    multiline_json: bool | None = None
+    tags: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def external_id(self) -> str:
+        return external_id_for(self.request_id)
+
+    @property
+    def fingerprint(self) -> str:
+        """Tells two messages that share a requestId but ask for different batches apart."""
+        canonical = json.dumps(
+            [self.dataset_id, self.input_format, self.multiline_json, self.tags], sort_keys=True
+        )
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def external_id_for(request_id: str) -> str:
+    """The batch's `externalId`: the same for every delivery of a request, so a lost answer can be
+    found again in the catalog instead of creating a second batch."""
+    return "orch-" + hashlib.sha256(request_id.encode()).hexdigest()[:40]
+
+
+def parse_message(body: bytes, message_id: str) -> BatchRequest:
+    """Turn a broker body into a request. `message_id` keys requests that carry no `requestId`."""
+    if len(body) > MAX_MESSAGE_BYTES:
+        raise InvalidMessage(f"message is {len(body)} bytes, over the {MAX_MESSAGE_BYTES} byte limit")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidMessage("message is not UTF-8") from None
+    stripped = text.strip()
+    if not stripped:
+        raise InvalidMessage("message is empty")
+    if DATASET_ID.fullmatch(stripped):
+        return BatchRequest(request_id=f"msg:{message_id}", dataset_id=stripped)
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError as exc:
+        raise InvalidMessage(f"not JSON and not a dataset id: {exc.msg} at position {exc.pos}") from None
+    return request_from_json(data, message_id)
+
+
+def request_from_json(data: Any, message_id: str) -> BatchRequest:
+    if isinstance(data, str):
+        return BatchRequest(request_id=f"msg:{message_id}", dataset_id=_dataset_id(data))
+    if not isinstance(data, dict):
+        raise InvalidMessage(f"expected a JSON object or a dataset id string, got {_type(data)}")
+    if "datasetId" not in data:
+        raise InvalidMessage("datasetId is missing")
+    dataset_id = _dataset_id(data["datasetId"])
+    request_id = data.get("requestId")
+    if request_id is None:
+        request_id = f"msg:{message_id}"
+    elif not isinstance(request_id, str):
+        raise InvalidMessage(f"requestId must be a string, got {_type(request_id)}")
+    elif not REQUEST_ID.fullmatch(request_id):
+        raise InvalidMessage("requestId must be 1 to 256 characters without control characters")
+    input_format, multiline = _input_format(data.get("inputFormat"))
+    return BatchRequest(
+        request_id=request_id,
+        dataset_id=dataset_id,
+        input_format=input_format,
+        multiline_json=multiline,
+        tags=_tags(data.get("tags")),
+    )
+
+
+def _dataset_id(value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidMessage(f"datasetId must be a string, got {_type(value)}")
+    if not DATASET_ID.fullmatch(value):
+        raise InvalidMessage("datasetId must be 1 to 128 letters, digits, '-' or '_'")
+    return value
+
+
+def parse_input_format(value: str) -> InputFormat:
+    lowered = value.lower()
+    if lowered not in INPUT_FORMATS:
+        raise InvalidMessage(f"inputFormat.format must be one of json, parquet, csv, got {value[:20]!r}")
+    return lowered  # type: ignore[return-value]  # checked against INPUT_FORMATS just above
+
+
+def _input_format(value: Any) -> tuple[InputFormat | None, bool | None]:
+    if value is None:
+        return None, None
+    if not isinstance(value, dict):
+        raise InvalidMessage(f"inputFormat must be an object, got {_type(value)}")
+    fmt = value.get("format")
+    if not isinstance(fmt, str):
+        raise InvalidMessage("inputFormat.format must be a string")
+    multiline = value.get("isMultiLineJson")
+    if multiline is not None and not isinstance(multiline, bool):
+        raise InvalidMessage(f"inputFormat.isMultiLineJson must be a boolean, got {_type(multiline)}")
+    return parse_input_format(fmt), multiline
+
+
+def _tags(value: Any) -> dict[str, list[str]]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidMessage(f"tags must be an object of string lists, got {_type(value)}")
+    if len(value) > MAX_TAGS:
+        raise InvalidMessage(f"tags has {len(value)} keys, over the limit of {MAX_TAGS}")
+    tags: dict[str, list[str]] = {}
+    for key, items in value.items():
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise InvalidMessage(f"tags.{key[:40]} must be a list of strings")
+        tags[key] = list(items)
+    return tags
+
+
+def _type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )

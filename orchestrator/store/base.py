@@ -1,0 +1,159 @@
+"""The store port: the durable record of every request, its attempts and its batch.
+
+The store is where retries live (attempts, next attempt time, last error), so they behave the same on
+every broker and survive restarts; it is also what the later upload steps read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Protocol
+
+from orchestrator.messages import BatchRequest
+
+
+class State(StrEnum):
+    PENDING = "pending"  # waiting for its call
+    RETRYING = "retrying"  # a call failed and will be tried again at next_attempt_at
+    CREATED = "created"  # the batch exists: batch_id and batch_status are set
+    FAILED = "failed"  # a permanent error or attempts exhausted: last_error says why
+    REJECTED = "rejected"  # the message was invalid and never reached AEP
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({State.CREATED, State.FAILED, State.REJECTED})
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """A request as the store knows it (the contract's record, plus what retries need)."""
+
+    request_id: str
+    dataset_id: str
+    state: State
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    batch_id: str | None = None
+    batch_status: str | None = None
+    last_error: str | None = None
+    next_attempt_at: datetime | None = None
+    input_format: str | None = None
+    multiline_json: bool | None = None
+    tags: Mapping[str, list[str]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        """The contract's record shape (`batches --json`, `GET /batches`)."""
+        return {
+            "requestId": self.request_id,
+            "datasetId": self.dataset_id,
+            "state": self.state.value,
+            "batchId": self.batch_id,
+            "batchStatus": self.batch_status,
+            "attempts": self.attempts,
+            "lastError": self.last_error,
+            "createdAt": _iso(self.created_at),
+            "updatedAt": _iso(self.updated_at),
+        }
+
+    def request(self) -> BatchRequest:
+        return BatchRequest(
+            request_id=self.request_id,
+            dataset_id=self.dataset_id,
+            input_format=self.input_format,  # type: ignore[arg-type]  # only valid formats are stored
+            multiline_json=self.multiline_json,
+            tags=dict(self.tags),
+        )
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A request leased to one dispatcher for one attempt.
+
+    `lease` fences the attempt: an outcome is recorded only while the lease is still this one, so a
+    dispatcher that lost its lease (it stalled past the expiry and another took over) cannot overwrite
+    the newer attempt's result. `needs_lookup` is set when an earlier attempt's outcome is unknown
+    (a timeout, a dropped connection, a 5xx, a crash mid-call): the batch may exist, so look it up by
+    externalId before creating.
+    """
+
+    record: BatchRecord
+    lease: str
+    attempt: int
+    needs_lookup: bool
+
+
+class AddResult(StrEnum):
+    ADDED = "added"
+    DUPLICATE = "duplicate"  # same requestId, same request: a redelivery or a resend
+    CONFLICT = "conflict"  # same requestId, different dataset, format or tags: kept the first
+
+
+class BatchStore(Protocol):
+    async def open(self) -> None:
+        """Connect and bring the schema up to date (migrations)."""
+
+    async def close(self) -> None: ...
+
+    async def add(self, request: BatchRequest, now: datetime) -> AddResult:
+        """Record a new request as pending, idempotently by its request id."""
+
+    async def reject(self, request_id: str, dataset_id: str | None, reason: str, now: datetime) -> None:
+        """Record an invalid message as `rejected` with its reason (idempotent)."""
+
+    async def next_due(self) -> datetime | None:
+        """When the earliest unleased pending or retrying request is due, if any."""
+
+    async def claim(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
+        """Lease up to `limit` due requests for one attempt each (attempts += 1)."""
+
+    async def mark_created(
+        self, claim: Claim, batch_id: str, batch_status: str, now: datetime, *, adopted: bool = False
+    ) -> bool:
+        """The batch exists. Returns False when the lease was lost (nothing written)."""
+
+    async def mark_retry(
+        self, claim: Claim, error: str, next_attempt_at: datetime, *, ambiguous: bool, now: datetime
+    ) -> bool:
+        """The attempt failed and will be retried; `ambiguous` means the batch may exist."""
+
+    async def mark_failed(self, claim: Claim, error: str, now: datetime) -> bool:
+        """A permanent failure or attempts exhausted."""
+
+    async def release(self, claim: Claim, now: datetime) -> None:
+        """Give a claim back without an attempt having been made (shutdown, no token)."""
+
+    async def counts(self) -> dict[State, int]:
+        """How many requests are in each state (backlog metrics, `--until-idle`)."""
+
+    async def unfinished(self) -> int:
+        """How many requests are pending or retrying (intake backpressure)."""
+
+    async def get(self, request_id: str) -> BatchRecord | None: ...
+
+    async def list(
+        self, state: State | None = None, dataset_id: str | None = None, limit: int | None = None
+    ) -> list[BatchRecord]:
+        """Records oldest first, optionally filtered."""
+
+    async def history(self, request_id: str) -> list[StateChange]:
+        """The append-only trail of a request's state changes, oldest first."""
+
+
+@dataclass(frozen=True)
+class StateChange:
+    at: datetime
+    from_state: State | None
+    to_state: State
+    attempt: int
+    detail: str | None
+
+
+def _iso(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
