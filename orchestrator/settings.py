@@ -23,15 +23,21 @@ from pydantic import (
     model_validator,
 )
 from pydantic_settings import (
-    NoDecode,
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 # Adobe's own AEP connector asks IMS for exactly these scopes (reference §6.1).
-DEFAULT_SCOPES = ("openid", "AdobeID", "read_organizations", "additional_info.projectedProductContext", "session")
+DEFAULT_SCOPES = (
+    "openid",
+    "AdobeID",
+    "read_organizations",
+    "additional_info.projectedProductContext",
+    "session",
+)
 
 # The current guardrail is 2000 batches per minute per user (reference §5.1): 33 a second stays under it.
 DEFAULT_RATE = 33

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -31,3 +32,16 @@ class BatchApi(Protocol):
 
     async def get_batch(self, batch_id: str) -> Batch:
         """`GET /data/foundation/catalog/batches/{id}`."""
+
+
+class CallGate(Protocol):
+    """What every call to the Platform API passes through (the limiter implements it).
+
+    `slot()` waits out a shared pause, the rate limit and a concurrency slot, and is held while the
+    HTTP call runs; `record()` tells the gate how the call ended (its HTTP status, None when no
+    answer came, and the raw `Retry-After` header) so it can pause everyone and adapt the rate.
+    """
+
+    def slot(self) -> AbstractAsyncContextManager[None]: ...
+
+    def record(self, status: int | None, retry_after: str | None) -> None: ...

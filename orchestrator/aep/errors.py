@@ -61,7 +61,14 @@ class AepTimeout(AepTransportError):
 class AuthError(AepError):
     """IMS gave no token: bad credentials (`permanent`) or IMS unreachable or failing."""
 
-    def __init__(self, message: str, *, status: int | None = None, permanent: bool = False,
-                 error_code: str | None = None, detail: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        permanent: bool = False,
+        error_code: str | None = None,
+        detail: str | None = None,
+    ) -> None:
         super().__init__(message, endpoint="ims.token", status=status, error_code=error_code, detail=detail)
         self.permanent = permanent

@@ -137,7 +137,7 @@ class BatchStore(Protocol):
 
     async def get(self, request_id: str) -> BatchRecord | None: ...
 
-    async def list(
+    async def records(
         self, state: State | None = None, dataset_id: str | None = None, limit: int | None = None
     ) -> list[BatchRecord]:
         """Records oldest first, optionally filtered."""
