@@ -67,3 +67,17 @@ class ManualClock:
     @property
     def sleepers(self) -> int:
         return sum(1 for _, _, future in self._sleepers if not future.done())
+
+
+async def sleep_until_set(clock: Clock, seconds: float, *events: asyncio.Event) -> None:
+    """Sleep `seconds` on `clock`, or less if any of `events` is set first."""
+    if any(event.is_set() for event in events):
+        return
+    tasks = [asyncio.ensure_future(clock.sleep(seconds))]
+    tasks += [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -120,6 +120,8 @@ class LimitSettings(Section):
     rate: int = Field(default=DEFAULT_RATE, gt=0)
     period: PositiveFloat = 1.0
     concurrency: int = Field(default=16, gt=0, le=1024)
+    # Intake stops reading the queue while this many requests are unfinished (backpressure).
+    max_backlog: int = Field(default=10_000, gt=0)
     redis_url: str | None = None
 
 

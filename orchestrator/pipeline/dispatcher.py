@@ -1,0 +1,209 @@
+"""Dispatcher: claim due requests from the store, create their batches, record the outcome.
+
+Claim before call: a request is leased (attempts + 1) in the store before its call starts, and its
+outcome is written fenced by that lease. A request whose earlier outcome is unknown (a timeout, a
+dropped connection, a 5xx, a crash mid-call) is looked up by its externalId before any new create,
+and a batch found there is adopted: that is what keeps one batch per request over an API that
+creates a new batch on every POST.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+
+from orchestrator import logs
+from orchestrator.aep.api import Batch, BatchApi
+from orchestrator.aep.errors import AepError, AuthError
+from orchestrator.clock import Clock, sleep_until_set
+from orchestrator.pipeline.retry import RetryPolicy
+from orchestrator.store.base import BatchStore, Claim
+
+log = logs.get("dispatcher")
+
+
+@dataclass
+class DispatchStats:
+    created: int = 0
+    adopted: int = 0
+    failed: int = 0
+    retries: int = 0
+    released: int = 0
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: BatchStore,
+        api: BatchApi,
+        policy: RetryPolicy,
+        clock: Clock,
+        *,
+        owner: str,
+        concurrency: int,
+        lease_seconds: float,
+        default_format: str,
+        poll_interval: float = 0.5,
+        wake: asyncio.Event | None = None,
+    ) -> None:
+        self._store = store
+        self._api = api
+        self._policy = policy
+        self._clock = clock
+        self._owner = owner
+        self._slots = asyncio.Semaphore(concurrency)
+        self._lease_seconds = lease_seconds
+        self._default_format = default_format
+        self._poll_interval = poll_interval
+        self._wake = wake or asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._credentials_problem: str | None = None
+        self.stats = DispatchStats()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    @property
+    def credentials_problem(self) -> str | None:
+        return self._credentials_problem
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch until `stop` is set; then return, leaving calls in flight to `drain`."""
+        while not stop.is_set():
+            await self._slots.acquire()
+            claim = await self._next_claim(stop)
+            if claim is None:
+                self._slots.release()
+                break
+            task = asyncio.create_task(self._handle(claim))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("dispatcher.task_crashed", exc_info=task.exception())
+
+    async def drain(self, grace: float) -> None:
+        """Let calls in flight finish within `grace` seconds; cancel the rest. A cancelled call's
+        outcome is unknown, so its request is marked for a lookup before the next create."""
+        if not self._tasks:
+            return
+        log.info("dispatcher.draining", in_flight=len(self._tasks), grace=grace)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.warning("dispatcher.drain_cancelled", cancelled=len(pending))
+
+    async def _next_claim(self, stop: asyncio.Event) -> Claim | None:
+        while not stop.is_set():
+            if not await self._credentials_ok():
+                await sleep_until_set(self._clock, min(self._poll_interval * 4, 2.0), stop)
+                continue
+            now = self._clock.now()
+            claims = await self._store.claim(self._owner, 1, self._lease_seconds, now)
+            if claims:
+                return claims[0]
+            self._wake.clear()
+            due = await self._store.next_due()
+            wait = self._poll_interval
+            if due is not None:
+                wait = min(wait, max(0.0, (due - now).total_seconds()))
+            await sleep_until_set(self._clock, wait, stop, self._wake)
+        return None
+
+    async def _credentials_ok(self) -> bool:
+        """No request is claimed while there is no token: a credential problem fails nothing."""
+        try:
+            await self._api.ensure_token()
+        except AuthError as exc:
+            if self._credentials_problem is None:
+                log.error("dispatcher.waiting_for_credentials", error=exc.summary())
+            self._credentials_problem = exc.summary()
+            return False
+        if self._credentials_problem is not None:
+            log.info("dispatcher.credentials_restored")
+            self._credentials_problem = None
+        return True
+
+    async def _handle(self, claim: Claim) -> None:
+        record = claim.record
+        with structlog.contextvars.bound_contextvars(
+            request_id=record.request_id, dataset_id=record.dataset_id, attempt=claim.attempt
+        ):
+            creating = False
+            try:
+                if claim.needs_lookup:
+                    found = await self._api.find_batches(record.request().external_id)
+                    if found:
+                        await self._created(claim, found, adopted=True)
+                        return
+                    log.info("batch.lookup_empty")
+                creating = True
+                batch = await self._api.create_batch(record.request(), self._default_format)
+                await self._created(claim, [batch], adopted=False)
+            except asyncio.CancelledError:
+                # Shutdown ran out of grace mid-call: if the create was sent, it may have happened.
+                await asyncio.shield(self._cancelled(claim, creating))
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+                await asyncio.shield(self._failed(claim, exc, creating))
+
+    async def _created(self, claim: Claim, batches: list[Batch], *, adopted: bool) -> None:
+        batch = batches[0]
+        kept = await asyncio.shield(
+            self._store.mark_created(claim, batch.id, batch.status, self._clock.now(), adopted=adopted)
+        )
+        self._policy.succeeded(claim.attempt)
+        if not kept:
+            log.warning("dispatcher.lease_lost", batch_id=batch.id)
+            return
+        if adopted:
+            self.stats.adopted += 1
+            log.info("batch.adopted", batch_id=batch.id, batch_status=batch.status, found=len(batches))
+        else:
+            self.stats.created += 1
+            log.info("batch.created", batch_id=batch.id, batch_status=batch.status)
+
+    async def _failed(self, claim: Claim, exc: Exception, creating: bool) -> None:
+        now = self._clock.now()
+        if not isinstance(exc, AepError):
+            log.error("dispatcher.unexpected_error", exc_info=exc)
+        decision = self._policy.decide(exc, claim.attempt, now, creating=creating)
+        error = exc.summary() if isinstance(exc, AepError) else f"{type(exc).__name__}: {exc}"[:500]
+        if decision.kind == "release":
+            self.stats.released += 1
+            await self._store.release(claim, now)
+            log.warning("batch.released", reason=decision.reason)
+        elif decision.kind == "fail":
+            self.stats.failed += 1
+            if await self._store.mark_failed(claim, decision.reason or error, now):
+                log.error("batch.failed", error=decision.reason or error)
+        else:
+            self.stats.retries += 1
+            next_at = now + timedelta(seconds=decision.delay)
+            ambiguous = decision.ambiguous or claim.needs_lookup
+            if await self._store.mark_retry(claim, error, next_at, ambiguous=ambiguous, now=now):
+                log.warning(
+                    "retry.scheduled",
+                    error=error,
+                    delay=round(decision.delay, 3),
+                    ambiguous=ambiguous,
+                )
+
+    async def _cancelled(self, claim: Claim, creating: bool) -> None:
+        now = self._clock.now()
+        if creating:
+            await self._store.mark_retry(
+                claim, "interrupted by shutdown during the call", now, ambiguous=True, now=now
+            )
+        else:
+            await self._store.release(claim, now)
+        log.warning("batch.interrupted", call_sent=creating)

@@ -1,0 +1,123 @@
+"""Intake: broker message -> validated request -> recorded in the store -> acked.
+
+Record first, ack second: a crash in between redelivers the message, and the store's unique request
+key makes the redelivery a no-op. An invalid message goes to the dead-letter destination with its
+reason and never reaches AEP. When too many requests are unfinished, intake stops reading, so a deep
+backlog stays in the broker rather than in memory or in the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import structlog
+
+from orchestrator import logs
+from orchestrator.clock import Clock, sleep_until_set
+from orchestrator.messages import InvalidMessage, parse_message
+from orchestrator.queues.base import Delivery, Queue
+from orchestrator.store.base import AddResult, BatchStore
+
+log = logs.get("intake")
+
+
+@dataclass
+class IntakeStats:
+    added: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    rejected: int = 0
+
+
+class Intake:
+    def __init__(
+        self,
+        queue: Queue,
+        store: BatchStore,
+        clock: Clock,
+        *,
+        max_backlog: int,
+        batch_size: int = 64,
+        poll_timeout: float = 0.5,
+        on_added: asyncio.Event | None = None,
+    ) -> None:
+        self._queue = queue
+        self._store = store
+        self._clock = clock
+        self._max_backlog = max_backlog
+        self._batch_size = batch_size
+        self._poll_timeout = poll_timeout
+        self._on_added = on_added
+        self.stats = IntakeStats()
+        self._throttled = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            room = self._max_backlog - await self._store.unfinished()
+            if room <= 0:
+                self._note_backpressure(True)
+                await sleep_until_set(self._clock, self._poll_timeout, stop)
+                continue
+            self._note_backpressure(False)
+            deliveries = await self._queue.receive(min(self._batch_size, room), self._poll_timeout)
+            for index, delivery in enumerate(deliveries):
+                if stop.is_set():
+                    # Shutting down: what was received but not recorded goes back to the broker.
+                    for rest in deliveries[index:]:
+                        await self._queue.release(rest)
+                    return
+                await self.handle(delivery)
+
+    async def handle(self, delivery: Delivery) -> None:
+        with structlog.contextvars.bound_contextvars(message_id=delivery.message_id):
+            try:
+                request = parse_message(delivery.body, delivery.message_id)
+            except InvalidMessage as exc:
+                await self._reject(delivery, str(exc))
+                return
+            with structlog.contextvars.bound_contextvars(
+                request_id=request.request_id, dataset_id=request.dataset_id
+            ):
+                result = await self._store.add(request, self._clock.now())
+                await self._queue.ack(delivery)
+                if result is AddResult.ADDED:
+                    self.stats.added += 1
+                    log.info("intake.accepted", delivery_attempt=delivery.attempt)
+                    if self._on_added is not None:
+                        self._on_added.set()
+                elif result is AddResult.DUPLICATE:
+                    self.stats.duplicates += 1
+                    log.info("intake.duplicate")
+                else:
+                    self.stats.conflicts += 1
+                    log.warning(
+                        "intake.conflict",
+                        reason="requestId already recorded with another dataset, format or tags; kept the first",
+                    )
+
+    async def _reject(self, delivery: Delivery, reason: str) -> None:
+        self.stats.rejected += 1
+        log.warning("intake.rejected", reason=reason)
+        if self._queue.dead_letters_in_store:
+            await self._store.reject(
+                f"msg:{delivery.message_id}", _dataset_hint(delivery.body), reason, self._clock.now()
+            )
+        await self._queue.dead_letter(delivery, reason)
+
+    def _note_backpressure(self, on: bool) -> None:
+        if on != self._throttled:
+            self._throttled = on
+            log.info("intake.paused" if on else "intake.resumed", max_backlog=self._max_backlog)
+
+
+def _dataset_hint(body: bytes) -> str | None:
+    """The dataset id of an invalid message, when one can be read, so `batches --dataset` finds it."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    value = data.get("datasetId") if isinstance(data, dict) else None
+    return value[:128] if isinstance(value, str) else None
+
