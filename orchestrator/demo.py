@@ -144,7 +144,7 @@ async def _summary(
     )
     console.print(
         f"AEP saw {batches} batches for {created} requests, {duplicates} created twice; "
-        f"{stats.tokens_issued} token fetched; {stats.faults_injected} faults injected and recovered from"
+        f"{stats.tokens_issued} token fetched; {sum(stats.faults.values())} faults injected and recovered from"
     )
     console.print(
         f"Records: ORCH_STORE__URL=sqlite:///{DEMO_DIR}/orchestrator.db orchestrator batches\n"

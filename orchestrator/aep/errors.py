@@ -69,6 +69,14 @@ class AuthError(AepError):
         permanent: bool = False,
         error_code: str | None = None,
         detail: str | None = None,
+        retry_after: str | None = None,
     ) -> None:
-        super().__init__(message, endpoint="ims.token", status=status, error_code=error_code, detail=detail)
+        super().__init__(
+            message,
+            endpoint="ims.token",
+            status=status,
+            error_code=error_code,
+            detail=detail,
+            retry_after=retry_after,
+        )
         self.permanent = permanent

@@ -183,9 +183,11 @@ class Dispatcher:
             await self._store.release(claim, now)
             log.warning("batch.released", reason=decision.reason)
         elif decision.kind == "fail":
+            if (decision.ambiguous or claim.needs_lookup) and await self._adopt_before_failing(claim):
+                return
             self.stats.failed += 1
-            if await self._store.mark_failed(claim, decision.reason or error, now):
-                log.error("batch.failed", error=decision.reason or error)
+            if await self._store.mark_failed(claim, decision.reason, now):
+                log.error("batch.failed", error=decision.reason)
         else:
             self.stats.retries += 1
             next_at = now + timedelta(seconds=decision.delay)
@@ -197,6 +199,18 @@ class Dispatcher:
                     delay=round(decision.delay, 3),
                     ambiguous=ambiguous,
                 )
+
+    async def _adopt_before_failing(self, claim: Claim) -> bool:
+        """The last attempt's create may have happened: one lookup before giving up, so a batch
+        that exists is recorded rather than orphaned."""
+        try:
+            found = await self._api.find_batches(claim.record.request().external_id)
+        except Exception as exc:  # noqa: BLE001 - failing the request is the fallback either way
+            log.warning("batch.final_lookup_failed", error=str(exc)[:200])
+            return False
+        if found:
+            await self._created(claim, found, adopted=True)
+        return bool(found)
 
     async def _cancelled(self, claim: Claim, creating: bool) -> None:
         now = self._clock.now()

@@ -1,0 +1,344 @@
+"""The Platform API over aiohttp: the `BatchApi` port with headers, token, timeouts, the gate, and
+every failure turned into a typed `AepError` the retry table can classify.
+
+The client itself never retries, with one exception: a 401 gets a fresh token and one replay,
+because that is a property of tokens, not a retry policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from yarl import URL
+
+from orchestrator import logs
+from orchestrator.aep.api import Batch, CallGate
+from orchestrator.aep.auth import TokenProvider
+from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError
+from orchestrator.messages import BatchRequest
+from orchestrator.settings import AepSettings
+
+log = logs.get("aep")
+# The same logger structlog writes through: asking it first keeps the per-call debug event free
+# when debug is off (the structlog processors would otherwise run for every call).
+_stdlib_log = logging.getLogger("aep")
+
+# Batch ids go into URL paths: only what AEP issues (hex, ULIDs), nothing that could change the path.
+BATCH_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# External ids go into a query string (yarl encodes it); still refuse what no caller should send.
+EXTERNAL_ID = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
+MAX_DETAIL = 300
+# The catalog's page limit (reference §3.5); a request has one batch, a few after lost answers.
+LOOKUP_LIMIT = 100
+
+
+@dataclass(frozen=True)
+class _Reply:
+    status: int
+    text: str
+    retry_after: str | None
+
+
+class AepClient:
+    """`BatchApi` over an aiohttp session the caller owns (and closes)."""
+
+    def __init__(
+        self,
+        settings: AepSettings,
+        session: aiohttp.ClientSession,
+        tokens: TokenProvider,
+        gate: CallGate | None = None,
+    ) -> None:
+        self._session = session
+        self._tokens = tokens
+        self._gate = gate
+        base = URL(str(settings.base_url))
+        self._create_url = base.joinpath("data", "foundation", "import", "batches")
+        self._catalog_url = base.joinpath("data", "foundation", "catalog", "batches")
+        connect = min(10.0, settings.timeout)
+        # `total` bounds the whole call, body included, as ORCH_AEP__TIMEOUT promises; `connect`
+        # fails fast on a host that does not answer, which is also the one certainly-unsent case.
+        self._timeout = aiohttp.ClientTimeout(total=settings.timeout, connect=connect, sock_connect=connect)
+        headers = {"Accept": "application/json", "x-sandbox-name": settings.sandbox}
+        # Missing ones are left out rather than sent empty: AEP then names the missing header
+        # (403000, 400003), and `credentials_problems` has already told the operator.
+        if settings.client_id is not None:
+            headers["x-api-key"] = settings.client_id
+        if settings.org_id is not None:
+            headers["x-gw-ims-org-id"] = settings.org_id
+        self._headers = headers
+
+    async def ensure_token(self) -> None:
+        await self._tokens.token()
+
+    async def create_batch(self, request: BatchRequest, input_format: str) -> Batch:
+        input_spec: dict[str, Any] = {"format": request.input_format or input_format}
+        if request.multiline_json is not None:
+            input_spec["isMultiLineJson"] = request.multiline_json
+        body: dict[str, Any] = {
+            "datasetId": request.dataset_id,
+            "inputFormat": input_spec,
+            "externalId": request.external_id,
+        }
+        if request.tags:
+            body["tags"] = request.tags
+        endpoint = "batches.create"
+        reply = await self._call(endpoint, "POST", self._create_url, body=body)
+        if reply.status != 201:
+            raise _http_error(endpoint, reply)
+        data = _json(reply.text)
+        batch = _batch(data) if isinstance(data, dict) else None
+        if batch is None:
+            # Something answered 201 but gave no batch id: we cannot record it, and cannot tell
+            # whether a batch exists. The caller should treat this as an ambiguous create.
+            raise AepHttpError(
+                f"{endpoint} answered HTTP {reply.status} without a batch id",
+                endpoint=endpoint,
+                status=reply.status,
+                detail=_truncate(reply.text) or "empty body",
+            )
+        return batch
+
+    async def find_batches(self, external_id: str) -> list[Batch]:
+        if not EXTERNAL_ID.fullmatch(external_id):
+            raise ValueError("external id must be 1 to 256 characters without control characters")
+        endpoint = "catalog.lookup"
+        params = {"externalId": external_id, "orderBy": "asc:created", "limit": str(LOOKUP_LIMIT)}
+        reply = await self._call(endpoint, "GET", self._catalog_url, params=params)
+        if reply.status != 200:
+            raise _http_error(endpoint, reply)
+        data = _json(reply.text)
+        if not isinstance(data, dict):
+            raise AepHttpError(
+                f"{endpoint} answered HTTP 200 with something other than a map of batches",
+                endpoint=endpoint,
+                status=reply.status,
+                detail=_truncate(reply.text),
+            )
+        batches = []
+        for key, value in data.items():
+            batch = _batch(value, key) if isinstance(value, dict) else None
+            # Keep only what carries our externalId: were the filter ever ignored, the catalog
+            # would list unrelated batches, and adopting one of those would be far worse than
+            # creating a second batch.
+            if batch is not None and batch.external_id == external_id:
+                batches.append(batch)
+        skipped = len(data) - len(batches)
+        if skipped:
+            log.warning("aep.lookup_skipped", endpoint=endpoint, skipped=skipped, kept=len(batches))
+        # Oldest first, so every replica adopts the same one; undated ones last, ids break ties.
+        batches.sort(key=lambda b: (b.created is None, b.created or 0, b.id))
+        return batches
+
+    async def get_batch(self, batch_id: str) -> Batch:
+        if not BATCH_ID.fullmatch(batch_id):
+            raise ValueError("batch id must be 1 to 128 letters, digits, '-' or '_'")
+        endpoint = "catalog.get"
+        reply = await self._call(endpoint, "GET", self._catalog_url / batch_id)
+        if reply.status != 200:
+            raise _http_error(endpoint, reply)
+        data = _json(reply.text)
+        # The catalog keys the answer by batch id; tolerate a single entry under another key.
+        entry: Any = None
+        if isinstance(data, dict):
+            entry = data.get(batch_id)
+            if entry is None and len(data) == 1:
+                entry = next(iter(data.values()))
+        batch = _batch(entry, batch_id) if isinstance(entry, dict) else None
+        if batch is None:
+            raise AepHttpError(
+                f"{endpoint} answered HTTP 200 without batch {batch_id}",
+                endpoint=endpoint,
+                status=reply.status,
+                detail=_truncate(reply.text),
+            )
+        return batch
+
+    async def _call(
+        self,
+        endpoint: str,
+        method: str,
+        url: URL,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> _Reply:
+        """One platform call with the current token; on a 401, one replay with a fresh one."""
+        token = await self._tokens.token()
+        reply = await self._send(endpoint, method, url, token, params, body)
+        # A fixed token cannot be refreshed, so replaying would just earn the same 401.
+        if reply.status == 401 and not self._tokens.fixed:
+            token = await self._tokens.refresh(token)
+            reply = await self._send(endpoint, method, url, token, params, body)
+        return reply
+
+    async def _send(
+        self,
+        endpoint: str,
+        method: str,
+        url: URL,
+        token: str,
+        params: Mapping[str, str] | None,
+        body: dict[str, Any] | None,
+    ) -> _Reply:
+        """One HTTP call, inside the gate's slot when there is a gate, and reported to it once."""
+        headers = {**self._headers, "Authorization": f"Bearer {token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        if self._gate is None:
+            return await self._http(endpoint, method, url, headers, params, body)
+        async with self._gate.slot():
+            try:
+                reply = await self._http(endpoint, method, url, headers, params, body)
+            except AepTransportError:
+                self._gate.record(None, None)
+                raise
+            # Recorded before the slot is freed, so a 429's pause holds the next caller already.
+            self._gate.record(reply.status, reply.retry_after)
+            return reply
+
+    async def _http(
+        self,
+        endpoint: str,
+        method: str,
+        url: URL,
+        headers: dict[str, str],
+        params: Mapping[str, str] | None,
+        body: dict[str, Any] | None,
+    ) -> _Reply:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        status: int | None = None
+        try:
+            async with self._session.request(
+                method, url, params=params, json=body, headers=headers, timeout=self._timeout
+            ) as response:
+                status = response.status
+                raw = await response.read()
+                return _Reply(
+                    status, raw.decode("utf-8", errors="replace"), response.headers.get("Retry-After")
+                )
+        except aiohttp.ConnectionTimeoutError as exc:
+            # Checked before the other timeouts: no connection, so nothing was sent.
+            raise AepTimeout(
+                f"{endpoint}: no connection within the timeout", endpoint=endpoint, maybe_sent=False
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            # Refused, DNS or TLS handshake failure: the request never left this process.
+            raise AepTransportError(
+                f"{endpoint}: {exc}"[:MAX_DETAIL], endpoint=endpoint, maybe_sent=False
+            ) from exc
+        except TimeoutError as exc:
+            # The total or read timeout, with the request (perhaps) on the wire.
+            raise AepTimeout(
+                f"{endpoint}: no complete answer in time", endpoint=endpoint, maybe_sent=True
+            ) from exc
+        except aiohttp.ClientError as exc:
+            # Disconnected, reset, or a broken body: the server may have acted on the request.
+            raise AepTransportError(
+                f"{endpoint}: {type(exc).__name__}: {exc}"[:MAX_DETAIL], endpoint=endpoint, maybe_sent=True
+            ) from exc
+        finally:
+            if _stdlib_log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "aep.call", endpoint=endpoint, status=status, duration=round(loop.time() - started, 4)
+                )
+
+
+def _http_error(endpoint: str, reply: _Reply) -> AepHttpError:
+    code, detail = error_fields(reply.text)
+    return AepHttpError(
+        f"{endpoint} answered HTTP {reply.status}",
+        endpoint=endpoint,
+        status=reply.status,
+        error_code=code,
+        detail=detail,
+        retry_after=reply.retry_after,
+    )
+
+
+def error_fields(text: str) -> tuple[str | None, str | None]:
+    """Adobe's error code and message from an error body, whichever of its shapes (reference §4.1)."""
+    data = _json(text)
+    if not isinstance(data, dict):
+        return None, _truncate(text)
+    # Gateway: {"error_code": "401013", "message": "Oauth token is not valid"}
+    if "error_code" in data:
+        return _str(data["error_code"]), _str(data.get("message")) or _str(data.get("detail"))
+    # OAuth: {"error": "invalid_client", "error_description": "..."}; some services nest it.
+    if "error" in data:
+        error = data["error"]
+        if isinstance(error, dict):
+            return _str(error.get("code")), _str(error.get("message")) or _compact(error)
+        return _str(error), _str(data.get("error_description")) or _str(data.get("message"))
+    # Problem details: {"type", "status", "title", "detail"}; the title is the error's name.
+    if "title" in data or "detail" in data:
+        return _str(data.get("title")), _str(data.get("detail")) or _str(data.get("title"))
+    # Flow service: {"errorMessage": "..."}
+    if "errorMessage" in data:
+        return _str(data.get("code")), _str(data["errorMessage"])
+    # {..., "status": ..., "report": {...}}: the report's own message when it has one.
+    if "report" in data:
+        report = data["report"]
+        detail = None
+        if isinstance(report, dict):
+            detail = _str(report.get("message")) or _str(report.get("detail"))
+        return _str(data.get("code")) or _str(data.get("error_code")), detail or _compact(report)
+    if "message" in data:
+        return _str(data.get("code")), _str(data["message"])
+    return None, _compact(data)
+
+
+def _batch(data: dict[str, Any], key: str | None = None) -> Batch | None:
+    """A `Batch` from AEP's batch object (ids may be only the map key in catalog answers)."""
+    batch_id = data.get("id", key)
+    if not isinstance(batch_id, str) or not batch_id:
+        return None
+    status = data.get("status")
+    external_id = data.get("externalId")
+    created = data.get("created")
+    dataset_id = None
+    related = data.get("relatedObjects")
+    if isinstance(related, list):
+        for item in related:
+            if isinstance(item, dict) and item.get("type") == "dataSet" and isinstance(item.get("id"), str):
+                dataset_id = item["id"]
+                break
+    return Batch(
+        id=batch_id,
+        status=status if isinstance(status, str) else "unknown",
+        external_id=external_id if isinstance(external_id, str) else None,
+        dataset_id=dataset_id,
+        created=int(created) if isinstance(created, int | float) and not isinstance(created, bool) else None,
+    )
+
+
+def _json(text: str) -> Any:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
+
+
+def _str(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return _truncate(value if isinstance(value, str) else json.dumps(value))
+
+
+def _compact(value: Any) -> str | None:
+    return _truncate(json.dumps(value, separators=(",", ":")))
+
+
+def _truncate(text: str) -> str | None:
+    text = text.strip()
+    return text[:MAX_DETAIL] if text else None

@@ -1,0 +1,265 @@
+"""The call gate: every Platform API call passes through `Limiter.slot()`.
+
+Three limits, taken in this order:
+1. a concurrency slot (`asyncio.Semaphore`): calls in flight;
+2. the shared pause: after a 429 (or a 503 with Retry-After) *everyone* waits, not just the caller
+   that got it: the server's limit is shared, so the calls behind it would only collect 429s too;
+3. the rate (`asyncio_throttle.Throttler`, a sliding log: never more than N starts in any window of
+   one period), whose N adapts: halved on a throttle signal, recovered linearly on success (AIMD).
+
+`RateController` holds the adaptive part and is pure (clock injected), so it is tested without waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from asyncio_throttle.throttler import Throttler
+
+from orchestrator import logs
+from orchestrator.clock import Clock, SystemClock
+from orchestrator.pipeline.retry import parse_retry_after
+from orchestrator.settings import LimitSettings
+
+log = logs.get("limiter")
+
+
+@dataclass(frozen=True)
+class RateChange:
+    old_rate: float
+    new_rate: float
+
+
+@dataclass(frozen=True)
+class ThrottleOutcome:
+    """What one throttle signal changed: the rate (None when it was part of a burst already counted)
+    and how many seconds the shared pause was extended by (0 when an earlier pause outlasts it)."""
+
+    decreased: RateChange | None
+    paused: float
+
+
+class RateController:
+    """Adaptive rate, in calls per `period`, between `min_rate` and the configured `rate`.
+
+    - Multiplicative decrease (x`beta`) on a throttle signal, at most once per period: the calls
+      already in flight were all sent at the old rate, so their burst of 429s is one signal, not ten
+      (ten halvings would drop to the floor on a single overload).
+    - Additive increase on success: `rate/10` per period of time since the last change, so a halved
+      rate is back in 5 periods whatever the call volume. Time spent paused does not count: the pause
+      is the server's, not evidence that it recovered.
+    - A shared pause: `paused_until` (monotonic) only moves forward; Retry-After is capped at
+      `pause_cap` so a bogus header cannot stop the service for hours; without one, one period.
+
+    The floor defaults to 5% of the rate (four to five halvings), and at least one call per minute,
+    so a trickle keeps probing the server: without calls there are no successes to recover on.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        period: float,
+        clock: Clock,
+        *,
+        min_rate: float | None = None,
+        pause_cap: float = 60.0,
+        beta: float = 0.5,
+    ) -> None:
+        if rate <= 0 or period <= 0:
+            raise ValueError("rate and period must be positive")
+        if not 0 < beta < 1:
+            raise ValueError("beta must be in (0, 1)")
+        self.max_rate = float(rate)
+        self.period = float(period)
+        floor = min_rate if min_rate is not None else max(rate * 0.05, period / 60.0)
+        self.min_rate = min(float(floor), self.max_rate)
+        if self.min_rate <= 0:
+            raise ValueError("min_rate must be positive")
+        self.pause_cap = pause_cap
+        self.beta = beta
+        self._clock = clock
+        self._rate = self.max_rate
+        self._paused_until = -math.inf
+        self._last_decrease: float | None = None
+        self._last_change = clock.monotonic()
+
+    @property
+    def effective_rate(self) -> float:
+        return self._rate
+
+    @property
+    def paused_until(self) -> float:
+        """Monotonic time before which no call may start (-inf: never paused)."""
+        return self._paused_until
+
+    def pause_remaining(self) -> float:
+        return max(0.0, self._paused_until - self._clock.monotonic())
+
+    def on_throttle(self, retry_after: float | None) -> ThrottleOutcome:
+        now = self._clock.monotonic()
+        pause = self.period if retry_after is None else retry_after
+        pause = min(max(0.0, pause), self.pause_cap)
+        extended = 0.0
+        if now + pause > self._paused_until:
+            extended = now + pause - max(now, self._paused_until)
+            self._paused_until = now + pause
+        decreased = None
+        if self._last_decrease is None or now - self._last_decrease >= self.period:
+            old = self._rate
+            self._rate = max(self.min_rate, old * self.beta)
+            self._last_decrease = now
+            # Recovery counts from the end of this pause (see on_success).
+            self._last_change = max(now, self._paused_until)
+            if self._rate != old:
+                decreased = RateChange(old, self._rate)
+        return ThrottleOutcome(decreased, extended)
+
+    def on_success(self) -> RateChange | None:
+        """Recover toward the configured rate; the change, or None when already there."""
+        now = self._clock.monotonic()
+        # Only unpaused time since the last change earns recovery.
+        start = max(self._last_change, self._paused_until)
+        if now <= start:
+            return None
+        self._last_change = now
+        if self._rate >= self.max_rate:
+            return None
+        old = self._rate
+        self._rate = min(self.max_rate, old + self.max_rate / 10.0 * (now - start) / self.period)
+        return RateChange(old, self._rate)
+
+
+def throttler_params(rate: float, period: float) -> tuple[int, float]:
+    """Express `rate` calls per `period` (rate may be fractional) as the integer `rate_limit` per
+    stretched `period` a sliding log needs: 2.5 per 1 s becomes 2 per 0.8 s (the same average, and
+    never more than 2 at once, so a lowered rate also means smaller bursts)."""
+    rate_limit = max(1, math.floor(rate))
+    return rate_limit, period * rate_limit / rate
+
+
+class _SlidingLog(Protocol):
+    """The part of `asyncio_throttle.Throttler` we use, typed (the library's own hints are partial:
+    `acquire` is unannotated). Its attributes are read on every loop of `acquire`, so changing them
+    takes effect at once."""
+
+    rate_limit: int
+    period: float
+    retry_interval: float
+
+    async def acquire(self) -> None: ...
+
+
+class Limiter:
+    """The `CallGate`: a concurrency slot, the shared pause, then the adaptive rate."""
+
+    def __init__(
+        self, settings: LimitSettings, clock: Clock | None = None, *, pause_cap: float = 60.0
+    ) -> None:
+        self._clock = clock or SystemClock()
+        self._controller = RateController(settings.rate, settings.period, self._clock, pause_cap=pause_cap)
+        self._throttler: _SlidingLog = Throttler(rate_limit=settings.rate, period=settings.period)
+        self._apply_rate()
+        self._semaphore = asyncio.Semaphore(settings.concurrency)
+        self._in_flight = 0
+        self._throttle_signals = 0
+        # Recovery is logged when the max is reached again, otherwise at most once a second.
+        self._recovery_logged_at = -math.inf
+        self._recovery_logged_rate = self._controller.effective_rate
+
+    @property
+    def effective_rate(self) -> float:
+        """Calls per configured period allowed right now."""
+        return self._controller.effective_rate
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def throttle_signals(self) -> int:
+        """429s, and 503s with Retry-After, seen since start."""
+        return self._throttle_signals
+
+    def paused_for(self) -> float:
+        """Seconds left of the shared pause (0 when not paused)."""
+        return self._controller.pause_remaining()
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        # Semaphore FIRST: a call takes its rate token only once it can actually start. Taking the
+        # token first would let calls queue on the semaphore holding tokens that were "spent" earlier,
+        # then start in a bunch when slots free up: more starts per window at the server than the rate.
+        async with self._semaphore:
+            while True:
+                remaining = self._controller.pause_remaining()
+                if remaining > 0:
+                    await self._clock.sleep(remaining)
+                    continue
+                await self._throttler.acquire()
+                # A pause may have begun while we waited for the rate token: honour it. The token
+                # stays spent, which only errs on the slow side.
+                if self._controller.pause_remaining() <= 0:
+                    break
+            self._in_flight += 1
+            try:
+                yield
+            finally:
+                self._in_flight -= 1
+
+    def record(self, status: int | None, retry_after: str | None) -> None:
+        """How a call ended: a 429 (or a 503 with Retry-After) pauses everyone and lowers the rate, a
+        2xx lets it recover, anything else (other errors, no answer) says nothing about the rate."""
+        has_header = retry_after is not None and retry_after.strip() != ""
+        if status == 429 or (status == 503 and has_header):
+            self._throttled(status, parse_retry_after(retry_after, self._clock.now()))
+        elif status is not None and 200 <= status < 300:
+            self._succeeded()
+
+    def _throttled(self, status: int, retry_after: float | None) -> None:
+        self._throttle_signals += 1
+        outcome = self._controller.on_throttle(retry_after)
+        if outcome.paused > 0:
+            log.warning(
+                "limiter.paused",
+                seconds=round(self._controller.pause_remaining(), 3),
+                status=status,
+                retry_after=retry_after,
+            )
+        if outcome.decreased is not None:
+            self._apply_rate()
+            self._recovery_logged_rate = outcome.decreased.new_rate
+            log.warning(
+                "limiter.rate_decreased",
+                old_rate=round(outcome.decreased.old_rate, 3),
+                new_rate=round(outcome.decreased.new_rate, 3),
+                period=self._controller.period,
+            )
+
+    def _succeeded(self) -> None:
+        change = self._controller.on_success()
+        if change is None:
+            return
+        self._apply_rate()
+        now = self._clock.monotonic()
+        at_max = change.new_rate >= self._controller.max_rate
+        if at_max or now - self._recovery_logged_at >= 1.0:
+            self._recovery_logged_at = now
+            log.info(
+                "limiter.rate_recovered",
+                old_rate=round(self._recovery_logged_rate, 3),
+                new_rate=round(change.new_rate, 3),
+                period=self._controller.period,
+            )
+            self._recovery_logged_rate = change.new_rate
+
+    def _apply_rate(self) -> None:
+        rate_limit, period = throttler_params(self._controller.effective_rate, self._controller.period)
+        self._throttler.rate_limit = rate_limit
+        self._throttler.period = period
+        # Poll well inside the spacing between starts, so the achieved rate stays close to the limit.
+        self._throttler.retry_interval = min(0.01, period / rate_limit / 4)

@@ -1,0 +1,296 @@
+"""The embedded queue: a table in a SQLite file, so the service runs with no broker at all.
+
+Each message is a row. `receive` leases rows (status `leased`, `visible_at` = the lease's expiry);
+a lease that expires (its consumer died) makes the row deliverable again, which is the at-least-once
+redelivery the port promises. Acked rows are deleted at once: the store, not the queue, is the
+record of what was asked, so a `done` row would only be something to prune. Dead letters stay, with
+their reason, for an operator to look at (intake records them as `rejected` in the store as well).
+
+Several named queues can share one file: every row carries its queue's name. The `enqueue` CLI
+writes into the same file while the service runs; the engine settings (WAL, `busy_timeout`,
+`BEGIN IMMEDIATE`) make that safe. Waiting for messages is a cheap indexed read every
+`poll_interval` seconds; a claim (a write) only happens when that read sees something deliverable.
+
+The schema is created at `open()` (`CREATE TABLE IF NOT EXISTS` semantics). It has no migrations:
+the queue holds only messages in flight, so a future change can drain and recreate it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from uuid import uuid4
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    Table,
+    Text,
+    delete,
+    exists,
+    func,
+    insert,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.sql.dml import Update
+
+from orchestrator.clock import Clock, SystemClock
+from orchestrator.queues.base import Delivery
+from orchestrator.store.engine import create_engine, reader
+
+DEFAULT_URL = "sqlite:///var/queue.db"
+
+metadata = MetaData()
+
+queue_message = Table(
+    "queue_message",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("queue", Text, nullable=False),
+    Column("message_id", Text, nullable=False, unique=True),
+    Column("payload", LargeBinary, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),  # deliveries so far
+    # When the row is next deliverable: publish time while ready, the lease's expiry while leased.
+    # Unix seconds from the wall clock, since leases must mean the same in every process.
+    Column("visible_at", Float, nullable=False),
+    Column("lease_owner", Text),  # which SqliteQueue holds it (released at its close)
+    Column("last_error", Text),  # the dead-letter reason
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    CheckConstraint("status IN ('ready', 'leased', 'dead')", name="ck_queue_message_status"),
+    # Only live rows; the literal IN lets SQLite match the claim's WHERE to this index.
+    Index(
+        "ix_queue_message_live",
+        "queue",
+        "visible_at",
+        "id",
+        sqlite_where=text("status IN ('ready', 'leased')"),
+    ),
+)
+
+_LIVE = queue_message.c.status.in_([text("'ready'"), text("'leased'")])
+
+
+@dataclass(frozen=True)
+class _Lease:
+    """A delivery's handle: the row and which of its deliveries this is (fences `release`)."""
+
+    row: int
+    attempt: int
+
+
+class SqliteQueue:
+    """`Queue` on a SQLite table. `url` is `sqlite:///PATH` (relative to the working directory)."""
+
+    # The embedded queue has no dead-letter destination a person would watch: intake records
+    # invalid messages as `rejected` in the store too.
+    dead_letters_in_store = True
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        name: str = "aep.batch-requests",
+        *,
+        lease_seconds: float = 60.0,
+        poll_interval: float = 0.1,
+        clock: Clock | None = None,
+    ) -> None:
+        if not url.lower().startswith("sqlite"):
+            raise ValueError("the embedded queue needs a sqlite:/// URL")
+        self.url = url
+        self.name = name
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self._clock = clock or SystemClock()
+        # One owner per instance, so close() releases exactly this consumer's leases.
+        self._owner = uuid4().hex
+        self._engine: AsyncEngine | None = None
+        self._reader: AsyncEngine | None = None
+
+    async def open(self) -> None:
+        if self._engine is not None:
+            return
+        # FULL: a publish the producer was told succeeded must survive a power cut.
+        engine = create_engine(self.url, synchronous="FULL")
+        try:
+            # BEGIN IMMEDIATE: two processes opening a new file take turns creating the table.
+            async with engine.begin() as connection:
+                await connection.run_sync(metadata.create_all)
+        except BaseException:
+            await engine.dispose()
+            raise
+        self._engine = engine
+        self._reader = reader(engine)
+
+    async def close(self) -> None:
+        engine, self._engine, self._reader = self._engine, None, None
+        if engine is None:
+            return
+        try:
+            # Hand unacked deliveries back now rather than when their leases expire.
+            async with engine.begin() as connection:
+                await connection.execute(
+                    self._release(self._now()).where(
+                        queue_message.c.queue == self.name,
+                        queue_message.c.lease_owner == self._owner,
+                        queue_message.c.status == "leased",
+                    )
+                )
+        finally:
+            await engine.dispose()
+
+    async def publish(self, bodies: Sequence[bytes]) -> int:
+        if not bodies:
+            return 0
+        now = self._now()
+        rows = [
+            {
+                "queue": self.name,
+                "message_id": uuid4().hex,
+                "payload": bytes(body),
+                "status": "ready",
+                "attempts": 0,
+                "visible_at": now,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for body in bodies
+        ]
+        async with self._writer.begin() as connection:  # all or nothing
+            await connection.execute(insert(queue_message), rows)
+        return len(rows)
+
+    async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:
+        if max_messages <= 0:
+            return []
+        deadline = self._clock.monotonic() + max(0.0, timeout)
+        deliverable = True  # try a claim straight away: under load there is nearly always work
+        while True:
+            if deliverable:
+                deliveries = await self._claim(max_messages)
+                if deliveries:
+                    return deliveries
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                return []
+            await self._clock.sleep(min(self.poll_interval, remaining))
+            # A read (deferred transaction) that never waits for the writer nor holds it up.
+            first = await self._first_visible()
+            deliverable = first is not None and first <= self._now()
+
+    async def ack(self, delivery: Delivery) -> None:
+        # Not fenced by the lease: the message is recorded, so even if a slow consumer's lease
+        # expired and another consumer holds it now, nobody needs it any more.
+        lease = _lease(delivery)
+        async with self._writer.begin() as connection:
+            await connection.execute(delete(queue_message).where(queue_message.c.id == lease.row))
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        lease = _lease(delivery)
+        statement = (
+            update(queue_message)
+            .where(queue_message.c.id == lease.row)
+            .values(status="dead", last_error=reason, lease_owner=None, updated_at=self._now())
+        )
+        async with self._writer.begin() as connection:
+            await connection.execute(statement)
+
+    async def release(self, delivery: Delivery) -> None:
+        lease = _lease(delivery)
+        # Fenced: if this lease expired and the row was delivered again, that delivery stays.
+        statement = self._release(self._now()).where(
+            queue_message.c.id == lease.row,
+            queue_message.c.attempts == lease.attempt,
+            queue_message.c.lease_owner == self._owner,
+            queue_message.c.status == "leased",
+        )
+        async with self._writer.begin() as connection:
+            await connection.execute(statement)
+
+    async def is_empty(self) -> bool:
+        statement = select(exists().where(queue_message.c.queue == self.name, _LIVE))
+        async with self._read.connect() as connection:
+            return not (await connection.execute(statement)).scalar_one()
+
+    async def _claim(self, limit: int) -> list[Delivery]:
+        now = self._now()
+        due = (
+            select(queue_message.c.id)
+            .where(queue_message.c.queue == self.name, _LIVE, queue_message.c.visible_at <= now)
+            .order_by(queue_message.c.visible_at, queue_message.c.id)
+            .limit(limit)
+            .scalar_subquery()
+        )
+        # Ready rows and rows whose lease expired alike; one statement in a BEGIN IMMEDIATE
+        # transaction, so two consumers never lease the same row.
+        statement = (
+            update(queue_message)
+            .where(queue_message.c.id.in_(due))
+            .values(
+                status="leased",
+                attempts=queue_message.c.attempts + 1,
+                lease_owner=self._owner,
+                visible_at=now + self.lease_seconds,
+                updated_at=now,
+            )
+            .returning(
+                queue_message.c.id,
+                queue_message.c.message_id,
+                queue_message.c.payload,
+                queue_message.c.attempts,
+            )
+        )
+        async with self._writer.begin() as connection:
+            rows = (await connection.execute(statement)).all()
+        return [
+            Delivery(body=payload, message_id=message_id, attempt=attempts, handle=_Lease(row, attempts))
+            for row, message_id, payload, attempts in sorted(rows)
+        ]
+
+    async def _first_visible(self) -> float | None:
+        statement = select(func.min(queue_message.c.visible_at)).where(
+            queue_message.c.queue == self.name, _LIVE
+        )
+        async with self._read.connect() as connection:
+            value = (await connection.execute(statement)).scalar_one_or_none()
+        return None if value is None else float(value)
+
+    def _release(self, now: float) -> Update:
+        # Deliverable again at once; the delivery was not processed, so it does not count.
+        return update(queue_message).values(
+            status="ready",
+            attempts=queue_message.c.attempts - 1,
+            lease_owner=None,
+            visible_at=now,
+            updated_at=now,
+        )
+
+    def _now(self) -> float:
+        return self._clock.now().timestamp()
+
+    @property
+    def _writer(self) -> AsyncEngine:
+        if self._engine is None:
+            raise RuntimeError("the queue is not open")
+        return self._engine
+
+    @property
+    def _read(self) -> AsyncEngine:
+        if self._reader is None:
+            raise RuntimeError("the queue is not open")
+        return self._reader
+
+
+def _lease(delivery: Delivery) -> _Lease:
+    if not isinstance(delivery.handle, _Lease):
+        raise TypeError("not a delivery of the embedded queue")
+    return delivery.handle

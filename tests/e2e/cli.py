@@ -1,0 +1,94 @@
+"""Run the `orchestrator` command as a user would: a separate process, settings in its environment."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+    def json_lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
+
+
+def cli_env(workdir: Path, sim_url: str | None = None, **settings: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("ORCH_")}
+    env.update(
+        {
+            "ORCH_QUEUE__URL": f"sqlite:///{workdir}/queue.db",
+            "ORCH_STORE__URL": f"sqlite:///{workdir}/orchestrator.db",
+            "ORCH_HTTP__PORT": "0",
+            "ORCH_LOG__LEVEL": "info",
+        }
+    )
+    if sim_url is not None:
+        env.update(
+            {
+                "ORCH_AEP__BASE_URL": sim_url,
+                "ORCH_AEP__IMS_URL": sim_url,
+                "ORCH_AEP__CLIENT_ID": "sim-client",
+                "ORCH_AEP__CLIENT_SECRET": "sim-secret",
+                "ORCH_AEP__ORG_ID": "SIM0RG0000000000000000@AdobeOrg",
+            }
+        )
+    env.update({f"ORCH_{key.upper()}": value for key, value in settings.items()})
+    return env
+
+
+async def start(args: list[str], env: dict[str, str], cwd: Path, stdin: bytes | None = None) -> Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "orchestrator",
+        *args,
+        env=env,
+        cwd=cwd,
+        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return Process(proc, stdin)
+
+
+class Process:
+    def __init__(self, proc: asyncio.subprocess.Process, stdin: bytes | None) -> None:
+        self.proc = proc
+        self._io = asyncio.ensure_future(proc.communicate(stdin))
+
+    async def wait(self, timeout: float = 90.0) -> Result:
+        try:
+            out, err = await asyncio.wait_for(asyncio.shield(self._io), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            out, err = await self._io
+            raise AssertionError(f"orchestrator did not finish in {timeout}s:\n{err.decode()[-3000:]}") from None
+        assert self.proc.returncode is not None
+        return Result(self.proc.returncode, out.decode(), err.decode())
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.proc.send_signal(sig)
+
+
+async def run(args: list[str], env: dict[str, str], cwd: Path, stdin: bytes | None = None,
+              timeout: float = 90.0) -> Result:
+    return await (await start(args, env, cwd, stdin)).wait(timeout)
+
+
+def events(stderr: str) -> list[dict[str, Any]]:
+    """The JSON log lines a run wrote."""
+    found = []
+    for line in stderr.splitlines():
+        if line.startswith("{"):
+            found.append(json.loads(line))
+    return found
