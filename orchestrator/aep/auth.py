@@ -274,7 +274,7 @@ class ImsTokenProvider:
             or lifetime <= 0
         ):
             raise AuthError("IMS answered 200 without access_token and a positive expires_in", status=200)
-        return token, float(lifetime) / 1000
+        return token, float(lifetime)
 
     def _refused(self, status: int, body: Any, text: str, retry_after: str | None) -> AuthError:
         code: str | None = None
