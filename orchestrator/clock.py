@@ -73,7 +73,7 @@ async def sleep_until_set(clock: Clock, seconds: float, *events: asyncio.Event) 
     """Sleep `seconds` on `clock`, or less if any of `events` is set first."""
     if any(event.is_set() for event in events):
         return
-    tasks = [asyncio.ensure_future(clock.sleep(seconds))]
+    tasks: list[asyncio.Future[object]] = [asyncio.ensure_future(clock.sleep(seconds))]
     tasks += [asyncio.ensure_future(event.wait()) for event in events]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

@@ -171,12 +171,11 @@ class AepClient:
         body: dict[str, Any] | None = None,
     ) -> _Reply:
         """One platform call with the current token; on a 401, one replay with a fresh one."""
-        token = await self._tokens.token()
-        reply = await self._send(endpoint, method, url, token, params, body)
+        reply, token = await self._send(endpoint, method, url, params, body)
         # A fixed token cannot be refreshed, so replaying would just earn the same 401.
         if reply.status == 401 and not self._tokens.fixed:
-            token = await self._tokens.refresh(token)
-            reply = await self._send(endpoint, method, url, token, params, body)
+            await self._tokens.refresh(token)
+            reply, _ = await self._send(endpoint, method, url, params, body)
         return reply
 
     async def _send(
@@ -184,25 +183,32 @@ class AepClient:
         endpoint: str,
         method: str,
         url: URL,
-        token: str,
         params: Mapping[str, str] | None,
         body: dict[str, Any] | None,
-    ) -> _Reply:
-        """One HTTP call, inside the gate's slot when there is a gate, and reported to it once."""
-        headers = {**self._headers, "Authorization": f"Bearer {token}"}
-        if body is not None:
-            headers["Content-Type"] = "application/json"
+    ) -> tuple[_Reply, str]:
+        """One HTTP call, inside the gate's slot when there is a gate, and reported to it once.
+
+        The token is taken inside the slot, right before sending: a call can wait in the slot for a
+        throttling pause longer than a short-lived token has left."""
         if self._gate is None:
-            return await self._http(endpoint, method, url, headers, params, body)
+            token = await self._tokens.token()
+            return await self._http(endpoint, method, url, self._with(token, body), params, body), token
         async with self._gate.slot():
+            token = await self._tokens.token()
             try:
-                reply = await self._http(endpoint, method, url, headers, params, body)
+                reply = await self._http(endpoint, method, url, self._with(token, body), params, body)
             except AepTransportError:
                 self._gate.record(None, None)
                 raise
             # Recorded before the slot is freed, so a 429's pause holds the next caller already.
             self._gate.record(reply.status, reply.retry_after)
-            return reply
+            return reply, token
+
+    def _with(self, token: str, body: dict[str, Any] | None) -> dict[str, str]:
+        headers = {**self._headers, "Authorization": f"Bearer {token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        return headers
 
     async def _http(
         self,

@@ -2,9 +2,16 @@
 
 Each message is a row. `receive` leases rows (status `leased`, `visible_at` = the lease's expiry);
 a lease that expires (its consumer died) makes the row deliverable again, which is the at-least-once
-redelivery the port promises. Acked rows are deleted at once: the store, not the queue, is the
-record of what was asked, so a `done` row would only be something to prune. Dead letters stay, with
-their reason, for an operator to look at (intake records them as `rejected` in the store as well).
+redelivery the port promises. Dead letters stay, with their reason, for an operator to look at
+(intake records them as `rejected` in the store as well).
+
+Acked rows are deleted, not marked done: the store, not the queue, is the record of what was asked,
+so a `done` row would only be something to prune. The delete is lazy: `ack` remembers the row and
+the consumer's next transaction (the claim in `receive`, `is_empty`, `close`) deletes it, because a
+synchronous commit per message capped intake near 300 messages a second on the test machine. A crash
+before that redelivers those messages; intake acks them only after the store has them, so the
+redelivery is a duplicate the store's unique request key absorbs, as with any broker. (Another
+consumer may also get them once their lease expires while this one sits idle; same outcome.)
 
 Several named queues can share one file: every row carries its queue's name. The `enqueue` CLI
 writes into the same file while the service runs; the engine settings (WAL, `busy_timeout`,
@@ -35,11 +42,12 @@ from sqlalchemy import (
     exists,
     func,
     insert,
+    literal_column,
     select,
     text,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import Update
 
 from orchestrator.clock import Clock, SystemClock
@@ -77,7 +85,7 @@ queue_message = Table(
     ),
 )
 
-_LIVE = queue_message.c.status.in_([text("'ready'"), text("'leased'")])
+_LIVE = queue_message.c.status.in_([literal_column("'ready'"), literal_column("'leased'")])
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,8 @@ class SqliteQueue:
     # The embedded queue has no dead-letter destination a person would watch: intake records
     # invalid messages as `rejected` in the store too.
     dead_letters_in_store = True
+    # Acks wait for the next transaction at most this many at a time.
+    MAX_PENDING_ACKS = 500
 
     def __init__(
         self,
@@ -115,6 +125,7 @@ class SqliteQueue:
         self._owner = uuid4().hex
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
+        self._acked: list[int] = []  # rows acked but not yet deleted
 
     async def open(self) -> None:
         if self._engine is not None:
@@ -138,6 +149,7 @@ class SqliteQueue:
         try:
             # Hand unacked deliveries back now rather than when their leases expire.
             async with engine.begin() as connection:
+                await self._apply_acks(connection)
                 await connection.execute(
                     self._release(self._now()).where(
                         queue_message.c.queue == self.name,
@@ -188,11 +200,13 @@ class SqliteQueue:
             deliverable = first is not None and first <= self._now()
 
     async def ack(self, delivery: Delivery) -> None:
+        # Applied lazily, in the next transaction this consumer makes anyway (see the module notes).
         # Not fenced by the lease: the message is recorded, so even if a slow consumer's lease
         # expired and another consumer holds it now, nobody needs it any more.
-        lease = _lease(delivery)
-        async with self._writer.begin() as connection:
-            await connection.execute(delete(queue_message).where(queue_message.c.id == lease.row))
+        self._acked.append(_lease(delivery).row)
+        if len(self._acked) >= self.MAX_PENDING_ACKS:
+            async with self._writer.begin() as connection:
+                await self._apply_acks(connection)
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         lease = _lease(delivery)
@@ -217,6 +231,9 @@ class SqliteQueue:
             await connection.execute(statement)
 
     async def is_empty(self) -> bool:
+        if self._acked:
+            async with self._writer.begin() as connection:
+                await self._apply_acks(connection)
         statement = select(exists().where(queue_message.c.queue == self.name, _LIVE))
         async with self._read.connect() as connection:
             return not (await connection.execute(statement)).scalar_one()
@@ -250,11 +267,24 @@ class SqliteQueue:
             )
         )
         async with self._writer.begin() as connection:
+            await self._apply_acks(connection)
             rows = (await connection.execute(statement)).all()
         return [
             Delivery(body=payload, message_id=message_id, attempt=attempts, handle=_Lease(row, attempts))
             for row, message_id, payload, attempts in sorted(rows)
         ]
+
+    async def _apply_acks(self, connection: AsyncConnection) -> None:
+        """Delete the acked rows, in the caller's transaction."""
+        # Taken before the await, so a concurrent call on this instance cannot apply them twice.
+        acked, self._acked = self._acked, []
+        try:
+            for start in range(0, len(acked), self.MAX_PENDING_ACKS):
+                chunk = acked[start : start + self.MAX_PENDING_ACKS]
+                await connection.execute(delete(queue_message).where(queue_message.c.id.in_(chunk)))
+        except BaseException:
+            self._acked[:0] = acked  # not applied: keep them for the next transaction
+            raise
 
     async def _first_visible(self) -> float | None:
         statement = select(func.min(queue_message.c.visible_at)).where(

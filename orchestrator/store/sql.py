@@ -11,8 +11,10 @@ describe it for the queries; `tests/unit/test_store.py` checks the two agree.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -50,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from orchestrator.messages import BatchRequest
 from orchestrator.store.base import AddResult, BatchRecord, Claim, State, StateChange
-from orchestrator.store.engine import create_engine, reader
+from orchestrator.store.engine import async_url, create_engine, reader
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -183,7 +185,19 @@ def upgrade(connection: Connection) -> None:
 
 
 class SqlBatchStore:
-    """`BatchStore` on SQLAlchemy Core. `url` is `sqlite:///PATH` or `postgresql://…`."""
+    """`BatchStore` on SQLAlchemy Core. `url` is `sqlite:///PATH` or `postgresql://…`.
+
+    Every write goes through one writer task that commits whatever is queued in one transaction
+    (group commit, at most `MAX_BATCH` operations): a lone call is written at once, and calls that
+    arrive while a commit is under way share the next one. On this project's 2-vCPU test machine a
+    statement through SQLAlchemy and aiosqlite costs about half a millisecond of CPU, so one
+    transaction per call capped `add` near 200 a second; batched, concurrent adds share a single
+    multi-row INSERT. The order of operations is the order of the calls. If anything in a batch
+    fails, the batch is rolled back and each operation is retried alone, so one bad call cannot
+    fail its neighbours. Cancelling a caller does not withdraw its write.
+    """
+
+    MAX_BATCH = 256
 
     def __init__(self, url: str, *, pool_size: int | None = None) -> None:
         self.url = url
@@ -192,11 +206,16 @@ class SqlBatchStore:
         self._reader: AsyncEngine | None = None
         self._postgres = False
         self._insert: Callable[[Table], sqlite.Insert | postgresql.Insert] = sqlite.insert
+        self._queue: list[_Op] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         if self._engine is not None:
             return
-        engine = create_engine(self.url, synchronous="FULL", pool_size=self._pool_size)
+        postgres = async_url(self.url).get_backend_name() == "postgresql"
+        # SQLite: one connection for the writer task, one so reads need not wait for its commit.
+        pool_size = self._pool_size or (None if postgres else 2)
+        engine = create_engine(self.url, synchronous="FULL", pool_size=pool_size)
         try:
             async with engine.begin() as connection:
                 await connection.run_sync(upgrade)
@@ -205,19 +224,17 @@ class SqlBatchStore:
             raise
         self._engine = engine
         self._reader = reader(engine)
-        self._postgres = engine.dialect.name == "postgresql"
-        self._insert = postgresql.insert if self._postgres else sqlite.insert
+        self._postgres = postgres
+        self._insert = postgresql.insert if postgres else sqlite.insert
 
     async def close(self) -> None:
+        # Let queued writes finish: their callers were promised them.
+        if self._writer is not None:
+            await asyncio.wait([self._writer])
+            self._writer = None
         engine, self._engine, self._reader = self._engine, None, None
         if engine is not None:
             await engine.dispose()
-
-    @property
-    def _writer(self) -> AsyncEngine:
-        if self._engine is None:
-            raise RuntimeError("the store is not open")
-        return self._engine
 
     @property
     def _read(self) -> AsyncEngine:
@@ -226,40 +243,8 @@ class SqlBatchStore:
         return self._reader
 
     async def add(self, request: BatchRequest, now: datetime) -> AddResult:
-        row = {
-            "request_id": request.request_id,
-            "dataset_id": request.dataset_id,
-            "fingerprint": request.fingerprint,
-            "input_format": request.input_format,
-            "multiline_json": request.multiline_json,
-            "tags": json.dumps(request.tags, sort_keys=True),
-            "state": State.PENDING.value,
-            "attempts": 0,
-            "next_attempt_at": now,
-            "needs_lookup": False,
-            "created_at": now,
-            "updated_at": now,
-        }
-        statement = (
-            self._insert(batch_request)
-            .values(row)
-            .on_conflict_do_nothing(index_elements=[batch_request.c.request_id])
-            .returning(batch_request.c.id)
-        )
-        async with self._writer.begin() as connection:
-            pk = (await connection.execute(statement)).scalar_one_or_none()
-            if pk is None:
-                # Never overwrite: the first request under a key is the one that counts.
-                existing = (
-                    await connection.execute(
-                        select(batch_request.c.fingerprint).where(
-                            batch_request.c.request_id == request.request_id
-                        )
-                    )
-                ).scalar_one()
-                return AddResult.DUPLICATE if existing == request.fingerprint else AddResult.CONFLICT
-            await _trail(connection, pk, now, None, State.PENDING, 0, None)
-        return AddResult.ADDED
+        result: AddResult = await self._write(_Op(add=(request, now)))
+        return result
 
     async def reject(self, request_id: str, dataset_id: str | None, reason: str, now: datetime) -> None:
         row = {
@@ -280,10 +265,13 @@ class SqlBatchStore:
             .on_conflict_do_nothing(index_elements=[batch_request.c.request_id])
             .returning(batch_request.c.id)
         )
-        async with self._writer.begin() as connection:
-            pk = (await connection.execute(statement)).scalar_one_or_none()
+
+        async def run(tx: _Tx) -> None:
+            pk = (await tx.connection.execute(statement)).scalar_one_or_none()
             if pk is not None:
-                await _trail(connection, pk, now, None, State.REJECTED, 0, reason)
+                tx.trail(pk, now, None, State.REJECTED, 0, reason)
+
+        await self._write(_Op(run=run))
 
     async def next_due(self) -> datetime | None:
         # A row becomes claimable at next_attempt_at, or at its lease's expiry while leased (the
@@ -308,12 +296,13 @@ class SqlBatchStore:
     async def claim(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
         if limit <= 0:
             return []
+        claimable = (
+            batch_request.c.next_attempt_at <= now,  # only unfinished rows have one
+            or_(batch_request.c.lease_expires_at.is_(None), batch_request.c.lease_expires_at <= now),
+        )
         due = (
             select(batch_request.c.id)
-            .where(
-                batch_request.c.next_attempt_at <= now,  # only unfinished rows have one
-                or_(batch_request.c.lease_expires_at.is_(None), batch_request.c.lease_expires_at <= now),
-            )
+            .where(*claimable)
             .order_by(batch_request.c.next_attempt_at, batch_request.c.id)
             .limit(limit)
         )
@@ -321,14 +310,17 @@ class SqlBatchStore:
             # Replicas claiming at once skip each other's rows instead of queueing behind them.
             # (SQLite needs nothing: BEGIN IMMEDIATE already makes this the only writer.)
             due = due.with_for_update(skip_locked=True)
-        async with self._writer.begin() as connection:
-            ids = list((await connection.execute(due)).scalars())
+
+        async def run(tx: _Tx) -> list[Claim]:
+            ids = list((await tx.connection.execute(due)).scalars())
             if not ids:
                 return []
             tokens = {pk: uuid4().hex for pk in ids}
             statement = (
                 update(batch_request)
-                .where(batch_request.c.id.in_(ids))
+                # The conditions again: should a row have been claimed since the SELECT (possible on
+                # PostgreSQL only without the row lock), this skips it rather than claiming it twice.
+                .where(batch_request.c.id.in_(ids), *claimable)
                 .values(
                     lease_token=case(tokens, value=batch_request.c.id),
                     lease_owner=owner,
@@ -343,17 +335,20 @@ class SqlBatchStore:
                 )
                 .returning(*batch_request.c)
             )
-            rows = (await connection.execute(statement)).mappings().all()
-        rows = sorted(rows, key=lambda row: (row["next_attempt_at"], row["id"]))
-        return [
-            Claim(
-                record=_record(row),
-                lease=row["lease_token"],
-                attempt=row["attempts"],
-                needs_lookup=bool(row["needs_lookup"]),
-            )
-            for row in rows
-        ]
+            rows = (await tx.connection.execute(statement)).mappings().all()
+            rows = sorted(rows, key=lambda row: (row["next_attempt_at"], row["id"]))
+            return [
+                Claim(
+                    record=_record(row),
+                    lease=row["lease_token"],
+                    attempt=row["attempts"],
+                    needs_lookup=bool(row["needs_lookup"]),
+                )
+                for row in rows
+            ]
+
+        claims: list[Claim] = await self._write(_Op(run=run))
+        return claims
 
     async def mark_created(
         self, claim: Claim, batch_id: str, batch_status: str, now: datetime, *, adopted: bool = False
@@ -418,14 +413,126 @@ class SqlBatchStore:
             .values(**values, **_NO_LEASE, updated_at=now)
             .returning(batch_request.c.id)
         )
-        async with self._writer.begin() as connection:
-            pk = (await connection.execute(statement)).scalar_one_or_none()
+
+        async def run(tx: _Tx) -> bool:
+            pk = (await tx.connection.execute(statement)).scalar_one_or_none()
             if pk is None:
                 return False
             if to_state is not None:
                 # The lease fenced every change since the claim, so the state is still the claimed one.
-                await _trail(connection, pk, now, claim.record.state, to_state, claim.attempt, detail)
-        return True
+                tx.trail(pk, now, claim.record.state, to_state, claim.attempt, detail)
+            return True
+
+        done: bool = await self._write(_Op(run=run))
+        return done
+
+    # --- the writer -----------------------------------------------------------------------------
+
+    async def _write(self, op: _Op) -> Any:
+        if self._engine is None:
+            raise RuntimeError("the store is not open")
+        self._queue.append(op)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="store.writer")
+        # Shielded: a write once asked for happens even if its caller is cancelled meanwhile (a
+        # dispatcher shutting down still records the outcome it was recording).
+        return await asyncio.shield(op.future)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = [op for op in self._queue[: self.MAX_BATCH] if not op.future.done()]
+                del self._queue[: self.MAX_BATCH]
+                if not batch:
+                    continue
+                try:
+                    results = await self._transaction(batch)
+                except Exception:
+                    for op in batch:  # find the one that failed; the others still succeed
+                        try:
+                            [result] = await self._transaction([op])
+                        except Exception as exc:
+                            op.fail(exc)
+                        else:
+                            op.resolve(result)
+                else:
+                    for op, result in zip(batch, results, strict=True):
+                        op.resolve(result)
+        except BaseException:
+            # Cancelled (the loop is shutting down): nothing queued will be written.
+            for op in self._queue:
+                op.future.cancel()
+            self._queue.clear()
+            raise
+
+    async def _transaction(self, batch: list[_Op]) -> list[Any]:
+        """Run `batch` in order in one transaction; runs of adds become one multi-row INSERT."""
+        assert self._engine is not None  # _write checked it and close() waits for this task
+        results: list[Any] = []
+        async with self._engine.begin() as connection:
+            tx = _Tx(connection)
+            for is_add, run in itertools.groupby(batch, key=lambda op: op.add is not None):
+                ops = list(run)
+                if is_add:
+                    results.extend(await self._add_many(tx, [op.add for op in ops if op.add is not None]))
+                else:
+                    for op in ops:
+                        assert op.run is not None  # an op is either an add or a run
+                        results.append(await op.run(tx))
+            await tx.flush()
+        return results
+
+    async def _add_many(self, tx: _Tx, requests: list[tuple[BatchRequest, datetime]]) -> list[AddResult]:
+        rows = [
+            {
+                "request_id": request.request_id,
+                "dataset_id": request.dataset_id,
+                "fingerprint": request.fingerprint,
+                "input_format": request.input_format,
+                "multiline_json": request.multiline_json,
+                "tags": json.dumps(request.tags, sort_keys=True),
+                "state": State.PENDING.value,
+                "attempts": 0,
+                "next_attempt_at": now,
+                "needs_lookup": False,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for request, now in requests
+        ]
+        statement = (
+            self._insert(batch_request)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=[batch_request.c.request_id])
+            .returning(batch_request.c.id, batch_request.c.request_id)
+        )
+        inserted = {request_id: pk for pk, request_id in await tx.connection.execute(statement)}
+        results: list[AddResult] = []
+        others: list[int] = []
+        for index, (request, now) in enumerate(requests):
+            pk = inserted.pop(request.request_id, None)  # pop: a second add of one key is a repeat
+            if pk is None:
+                others.append(index)
+                results.append(AddResult.DUPLICATE)  # settled below
+            else:
+                results.append(AddResult.ADDED)
+                tx.trail(pk, now, None, State.PENDING, 0, None)
+        if others:
+            # Never overwrite: the first request under a key is the one that counts.
+            keys = {requests[index][0].request_id for index in others}
+            found = await tx.connection.execute(
+                select(batch_request.c.request_id, batch_request.c.fingerprint).where(
+                    batch_request.c.request_id.in_(keys)
+                )
+            )
+            fingerprints: dict[str, str] = {request_id: fingerprint for request_id, fingerprint in found}
+            for index in others:
+                request = requests[index][0]
+                if fingerprints[request.request_id] != request.fingerprint:
+                    results[index] = AddResult.CONFLICT
+        return results
+
+    # --- reads ---------------------------------------------------------------------------------
 
     async def counts(self) -> dict[State, int]:
         statement = select(batch_request.c.state, func.count()).group_by(batch_request.c.state)
@@ -488,26 +595,69 @@ class SqlBatchStore:
         ]
 
 
-async def _trail(
-    connection: AsyncConnection,
-    pk: int,
-    at: datetime,
-    from_state: State | None,
-    to_state: State,
-    attempt: int,
-    detail: str | None,
-) -> None:
-    """Append to the trail, in the transaction of the change it records."""
-    await connection.execute(
-        insert(batch_event).values(
-            batch_request_id=pk,
-            at=at,
-            from_state=None if from_state is None else from_state.value,
-            to_state=to_state.value,
-            attempt=attempt,
-            detail=detail,
+class _Op:
+    """One queued write: an add (merged with neighbouring adds) or any other transaction step."""
+
+    __slots__ = ("add", "future", "run")
+
+    def __init__(
+        self,
+        *,
+        add: tuple[BatchRequest, datetime] | None = None,
+        run: Callable[[_Tx], Awaitable[Any]] | None = None,
+    ) -> None:
+        self.add = add
+        self.run = run
+        self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        # Marks the outcome as seen, so an error nobody is left to await is not reported as lost.
+        self.future.add_done_callback(_consume)
+
+    def resolve(self, result: Any) -> None:
+        if not self.future.done():  # cancelled if the writer itself was
+            self.future.set_result(result)
+
+    def fail(self, exc: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class _Tx:
+    """A write transaction, collecting its trail rows to insert in one statement before commit."""
+
+    def __init__(self, connection: AsyncConnection) -> None:
+        self.connection = connection
+        self._trail: list[dict[str, Any]] = []
+
+    def trail(
+        self,
+        pk: int,
+        at: datetime,
+        from_state: State | None,
+        to_state: State,
+        attempt: int,
+        detail: str | None,
+    ) -> None:
+        """Append to the trail, in the transaction of the change it records."""
+        self._trail.append(
+            {
+                "batch_request_id": pk,
+                "at": at,
+                "from_state": None if from_state is None else from_state.value,
+                "to_state": to_state.value,
+                "attempt": attempt,
+                "detail": detail,
+            }
         )
-    )
+
+    async def flush(self) -> None:
+        if self._trail:
+            await self.connection.execute(insert(batch_event), self._trail)
+            self._trail = []
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _record(row: RowMapping) -> BatchRecord:

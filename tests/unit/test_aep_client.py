@@ -10,7 +10,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from unittest.mock import Mock
 
 import aiohttp
 import pytest
@@ -97,26 +96,6 @@ class FakeGate:
         self.events.append(("record", status, retry_after))
 
 
-class _MockResponse(aiohttp.ClientResponse):
-    """aioresponses 0.7.9 builds responses without the `stream_writer` aiohttp 3.14 requires
-    (pnuckowski/aioresponses#289, fix pending in #288); aiohttp only reads its `output_size`."""
-
-    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
-        kwargs.setdefault("stream_writer", Mock(output_size=0))
-        super().__init__(method, url, **kwargs)
-
-
-@pytest.fixture
-def mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
-    monkeypatch.setattr("aioresponses.core.ClientResponse", _MockResponse)
-    with aioresponses() as m:
-        yield m
-
-
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 @pytest.fixture

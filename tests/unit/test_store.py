@@ -17,7 +17,7 @@ from typing import TypeVar
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, StatementError
 
@@ -120,7 +120,11 @@ async def test_reject_records_the_reason_once(make_store: MakeStore, now: dateti
 
     record = await store.get("msg:1")
     assert record is not None
-    assert (record.state, record.dataset_id, record.last_error) == (State.REJECTED, "", "datasetId is missing")
+    assert (record.state, record.dataset_id, record.last_error) == (
+        State.REJECTED,
+        "",
+        "datasetId is missing",
+    )
     assert record.next_attempt_at is None
     history = await store.history("msg:1")
     assert [(c.from_state, c.to_state, c.detail) for c in history] == [
@@ -156,7 +160,7 @@ async def test_times_come_back_aware_in_utc(make_store: MakeStore) -> None:
     assert record.created_at.hour == 12
     assert record.to_json()["createdAt"] == "2026-11-28T12:30:15.123Z"
     with pytest.raises(StatementError, match="naive datetime"):
-        await store.add(request("r2"), datetime(2026, 11, 28, 12, 0))  # noqa: DTZ001  # the point
+        await store.add(request("r2"), datetime(2026, 11, 28, 12, 0))  # the point
 
 
 # --- claim and outcomes -------------------------------------------------------------------------
@@ -191,7 +195,9 @@ async def test_claim_skips_requests_not_yet_due(make_store: MakeStore, now: date
 
 
 @portable
-async def test_an_expired_lease_is_claimed_again_and_needs_a_lookup(make_store: MakeStore, now: datetime) -> None:
+async def test_an_expired_lease_is_claimed_again_and_needs_a_lookup(
+    make_store: MakeStore, now: datetime
+) -> None:
     store = await make_store()
     await store.add(request(), now)
     [lost] = await store.claim("crashed", 1, 30, now)
@@ -442,6 +448,101 @@ async def test_concurrent_adds_of_one_request_add_it_once(make_store: MakeStore,
     assert Counter(results) == {AddResult.ADDED: 1, AddResult.DUPLICATE: 19}
 
 
+# --- the writer (group commit) ------------------------------------------------------------------
+
+
+@portable
+async def test_concurrent_writes_share_commits(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    assert store._engine is not None
+    commits: list[object] = []
+    event.listen(store._engine.sync_engine, "commit", commits.append)
+
+    results = await asyncio.gather(*(store.add(request(f"r{n}"), now) for n in range(40)))
+
+    assert set(results) == {AddResult.ADDED}
+    assert 1 <= len(commits) < 10
+    assert await store.unfinished() == 40
+    assert len(await store.history("r39")) == 1
+
+
+@portable
+async def test_a_failing_write_does_not_fail_its_neighbours(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    naive = datetime(2026, 11, 28, 12, 0)  # the failure under test
+
+    results = await asyncio.gather(
+        store.add(request("a"), now),
+        store.add(request("bad"), naive),
+        store.reject("c", None, "not JSON", now),
+        return_exceptions=True,
+    )
+
+    assert results[0] is AddResult.ADDED
+    assert isinstance(results[1], StatementError)
+    assert results[2] is None
+    assert await store.get("bad") is None
+    assert [r.request_id for r in await store.records()] == ["a", "c"]
+
+
+@portable
+async def test_writes_in_one_batch_keep_their_order(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+
+    results = await asyncio.gather(
+        store.reject("k", "ds1", "invalid", now),
+        store.add(request("k"), now),
+        store.add(request("n"), now),
+        store.add(request("n"), now),
+        store.add(request("n", "ds2"), now),
+    )
+
+    assert list(results) == [
+        None,
+        AddResult.CONFLICT,
+        AddResult.ADDED,
+        AddResult.DUPLICATE,
+        AddResult.CONFLICT,
+    ]
+    record = await store.get("k")
+    assert record is not None
+    assert record.state is State.REJECTED
+
+
+@portable
+async def test_close_finishes_queued_writes(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    adds = [asyncio.create_task(store.add(request(f"r{n}"), now)) for n in range(10)]
+    await asyncio.sleep(0)  # let them queue
+
+    await store.close()
+
+    assert [task.result() for task in adds] == [AddResult.ADDED] * 10
+    again = await make_store()
+    assert await again.unfinished() == 10
+    with pytest.raises(RuntimeError, match="not open"):
+        await store.add(request("late"), now)
+
+
+@portable
+async def test_a_cancelled_caller_still_gets_its_write(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    await store.add(request(), now)
+    [claim] = await store.claim("d", 1, 30, now)
+    marking = asyncio.create_task(store.mark_created(claim, "b1", "loading", now))
+    await asyncio.sleep(0)  # queued
+
+    marking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await marking
+    await store.close()
+
+    again = await make_store()
+    record = await again.get("r1")
+    assert record is not None
+    assert (record.state, record.batch_id) == (State.CREATED, "b1")
+
+
 # --- schema and migrations ----------------------------------------------------------------------
 
 
@@ -556,7 +657,12 @@ def test_database_urls_get_async_drivers(tmp_path: Path, monkeypatch: pytest.Mon
     assert async_url("sqlite:////srv/x.db").database == "/srv/x.db"
     assert async_url("sqlite://").database in (None, "")
     pg = async_url("postgresql://u:secret@db:5432/orch")
-    assert (pg.drivername, pg.host, pg.database, pg.password) == ("postgresql+asyncpg", "db", "orch", "secret")
+    assert (pg.drivername, pg.host, pg.database, pg.password) == (
+        "postgresql+asyncpg",
+        "db",
+        "orch",
+        "secret",
+    )
     assert async_url("postgres://db/orch").drivername == "postgresql+asyncpg"
     with pytest.raises(ValueError, match="unsupported"):
         async_url("mysql://db/orch")
