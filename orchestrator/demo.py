@@ -64,8 +64,7 @@ async def _demo(base: Settings, count: int) -> int:
         sim_config = SimulatorConfig(
             latency=0.02,
             latency_jitter=0.02,
-            error_rate=0.02,
-            unavailable_rate=0.02,
+            error_rate=0.03,
             drop_after_rate=0.01,
             seed=7,
         )

@@ -23,6 +23,8 @@ DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Request ids are the producer's idempotency keys: any printable text without control characters.
 REQUEST_ID = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 MAX_TAGS = 64
+# Only a `\uXXXX` escape can put a surrogate in decoded JSON (the body itself is valid UTF-8).
+_LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)
 
 
 class InvalidMessage(ValueError):
@@ -73,8 +75,15 @@ def parse_message(body: bytes, message_id: str) -> BatchRequest:
         return BatchRequest(request_id=f"msg:{message_id}", dataset_id=stripped)
     try:
         data = json.loads(stripped)
+        text = not _LONE_SURROGATE.search(stripped) or _is_text(data)
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"not JSON and not a dataset id: {exc.msg} at position {exc.pos}") from None
+    except RecursionError:
+        # Thousands of nested arrays fit in 64 KiB; the decoder gives up on them this way.
+        raise InvalidMessage("JSON nested too deeply") from None
+    if not text:
+        # A `\ud800` escape is valid JSON but no Unicode text: it cannot be stored, logged or sent.
+        raise InvalidMessage("message contains a lone surrogate escape (\\uD800-\\uDFFF), which is not text")
     return request_from_json(data, message_id)
 
 
@@ -142,9 +151,23 @@ def _tags(value: Any) -> dict[str, list[str]]:
     tags: dict[str, list[str]] = {}
     for key, items in value.items():
         if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-            raise InvalidMessage(f"tags.{key[:40]} must be a list of strings")
+            raise InvalidMessage(f"tags.{_printable(key[:40])} must be a list of strings")
         tags[key] = list(items)
     return tags
+
+
+def _is_text(data: Any) -> bool:
+    """Whether every string in the decoded JSON can be encoded as UTF-8 (no lone surrogates)."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """Message text quoted in a reason: reasons are stored and logged, so no control characters."""
+    return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
 def _type(value: Any) -> str:

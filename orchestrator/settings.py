@@ -7,7 +7,9 @@ error formatter never echoes an input value.
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -19,14 +21,15 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
-    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -130,11 +133,14 @@ class RetrySettings(Section):
     base_delay: PositiveFloat = 0.5
     max_delay: PositiveFloat = 60.0
 
-    @model_validator(mode="after")
-    def _ordered(self) -> RetrySettings:
-        if self.max_delay < self.base_delay:
-            raise ValueError("max_delay must not be below base_delay")
-        return self
+    @field_validator("max_delay")
+    @classmethod
+    def _ordered(cls, value: float, info: ValidationInfo) -> float:
+        # A field validator (not a model one), so the error names ORCH_RETRY__MAX_DELAY.
+        base = info.data.get("base_delay")  # absent when base_delay itself was invalid
+        if base is not None and value < base:
+            raise ValueError("must not be below ORCH_RETRY__BASE_DELAY")
+        return value
 
 
 class HttpSettings(Section):
@@ -167,6 +173,8 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         env_file=".env",
         env_file_encoding="utf-8",
+        # `NAME=` (as in config/.env.example) means not set, not an empty client id or org id.
+        env_ignore_empty=True,
         extra="ignore",
         frozen=True,
     )
@@ -205,7 +213,20 @@ class ConfigError(Exception):
 
 
 def _variable(loc: tuple[int | str, ...]) -> str:
-    return "ORCH_" + "__".join(str(part).upper() for part in loc)
+    # A list item's index (ORCH_AEP__SCOPES given as a TOML list) is not part of the variable's name.
+    names = list(itertools.takewhile(lambda part: isinstance(part, str), loc))
+    return "ORCH_" + "__".join(part.upper() for part in names)
+
+
+_SOURCE_FIELD = re.compile(r'field "([^"]+)"')
+
+
+def _undecodable(exc: SettingsError) -> str:
+    """pydantic-settings could not decode a variable (a whole section given as malformed JSON)."""
+    match = _SOURCE_FIELD.search(str(exc))
+    if match is None:
+        return f"ORCH_CONFIG: {exc}"
+    return f"ORCH_{match.group(1).upper()}: not a JSON object (or set its values one by one)"
 
 
 def load_settings(config_path: str | None = None, **overrides: Any) -> Settings:
@@ -221,6 +242,8 @@ def load_settings(config_path: str | None = None, **overrides: Any) -> Settings:
         raise ConfigError(
             [f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors(include_input=False)]
         ) from None
+    except SettingsError as exc:
+        raise ConfigError([_undecodable(exc)]) from None
     except ValueError as exc:  # a TOML syntax error surfaces here
         raise ConfigError([f"ORCH_CONFIG: {exc}"]) from None
     finally:

@@ -12,6 +12,11 @@ synchronous commit per message capped intake near 300 messages a second on the t
 before that redelivers those messages; intake acks them only after the store has them, so the
 redelivery is a duplicate the store's unique request key absorbs, as with any broker. (Another
 consumer may also get them once their lease expires while this one sits idle; same outcome.)
+Pending acks are applied within `MAX_ACK_DELAY` seconds when more acks follow.
+
+A consumer that dies holds its leases until they expire, except against a restart on the same host:
+`open()` hands back at once the leases of consumers whose process no longer exists (the lease owner
+names host and pid), so a service restarted after `kill -9` does not wait out a minute of leases.
 
 Several named queues can share one file: every row carries its queue's name. The `enqueue` CLI
 writes into the same file while the service runs; the engine settings (WAL, `busy_timeout`,
@@ -24,6 +29,8 @@ the queue holds only messages in flight, so a future change can drain and recrea
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import uuid4
@@ -102,8 +109,9 @@ class SqliteQueue:
     # The embedded queue has no dead-letter destination a person would watch: intake records
     # invalid messages as `rejected` in the store too.
     dead_letters_in_store = True
-    # Acks wait for the next transaction at most this many at a time.
+    # Acks wait for the next transaction, at most this many and this many seconds.
     MAX_PENDING_ACKS = 500
+    MAX_ACK_DELAY = 1.0
 
     def __init__(
         self,
@@ -121,11 +129,13 @@ class SqliteQueue:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self._clock = clock or SystemClock()
-        # One owner per instance, so close() releases exactly this consumer's leases.
-        self._owner = uuid4().hex
+        # One owner per instance, so close() releases exactly this consumer's leases; host and pid
+        # let a later consumer on this machine tell that the process holding a lease is gone.
+        self._owner = f"{socket.gethostname()}/{os.getpid()}/{uuid4().hex[:12]}"
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
         self._acked: list[int] = []  # rows acked but not yet deleted
+        self._acked_since = 0.0  # clock.monotonic() of the oldest of them
 
     async def open(self) -> None:
         if self._engine is not None:
@@ -136,6 +146,7 @@ class SqliteQueue:
             # BEGIN IMMEDIATE: two processes opening a new file take turns creating the table.
             async with engine.begin() as connection:
                 await connection.run_sync(metadata.create_all)
+                await self._recover(connection)
         except BaseException:
             await engine.dispose()
             raise
@@ -203,8 +214,16 @@ class SqliteQueue:
         # Applied lazily, in the next transaction this consumer makes anyway (see the module notes).
         # Not fenced by the lease: the message is recorded, so even if a slow consumer's lease
         # expired and another consumer holds it now, nobody needs it any more.
-        self._acked.append(_lease(delivery).row)
-        if len(self._acked) >= self.MAX_PENDING_ACKS:
+        row = _lease(delivery).row
+        if not self._acked:
+            self._acked_since = self._clock.monotonic()
+        self._acked.append(row)
+        # Bounded in number and in age, so a consumer busy with a long batch still forgets its
+        # messages promptly (a crash then redelivers little).
+        if (
+            len(self._acked) >= self.MAX_PENDING_ACKS
+            or self._clock.monotonic() - self._acked_since >= self.MAX_ACK_DELAY
+        ):
             async with self._writer.begin() as connection:
                 await self._apply_acks(connection)
 
@@ -286,6 +305,32 @@ class SqliteQueue:
             self._acked[:0] = acked  # not applied: keep them for the next transaction
             raise
 
+    async def _recover(self, connection: AsyncConnection) -> None:
+        """Make the leases of consumers that died on this machine deliverable now, not at expiry.
+
+        A restart after a crash (kill -9, OOM) would otherwise wait out the whole lease before the
+        messages the dead process held come back. Only processes of this host are judged; a pid
+        that is alive (even if reused by another program) keeps its lease until it expires.
+        """
+        if os.name != "posix":  # os.kill(pid, 0) is a probe only on POSIX
+            return
+        owners = await connection.execute(
+            select(queue_message.c.lease_owner)
+            .where(queue_message.c.queue == self.name, queue_message.c.status == "leased")
+            .distinct()
+        )
+        dead = [owner for (owner,) in owners if owner is not None and _died_here(owner)]
+        if dead:
+            await connection.execute(
+                update(queue_message)
+                .where(
+                    queue_message.c.queue == self.name,
+                    queue_message.c.status == "leased",
+                    queue_message.c.lease_owner.in_(dead),
+                )
+                .values(status="ready", lease_owner=None, visible_at=self._now(), updated_at=self._now())
+            )
+
     async def _first_visible(self) -> float | None:
         statement = select(func.min(queue_message.c.visible_at)).where(
             queue_message.c.queue == self.name, _LIVE
@@ -318,6 +363,21 @@ class SqliteQueue:
         if self._reader is None:
             raise RuntimeError("the queue is not open")
         return self._reader
+
+
+def _died_here(owner: str) -> bool:
+    """Whether `owner` (host/pid/id) was a process on this host that no longer exists."""
+    host, _, rest = owner.partition("/")
+    pid_text = rest.partition("/")[0]
+    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists, under another user
+        return False
+    return False
 
 
 def _lease(delivery: Delivery) -> _Lease:

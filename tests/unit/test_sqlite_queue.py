@@ -4,6 +4,8 @@ waiting."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sqlite3
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -156,6 +158,52 @@ async def test_unapplied_acks_of_a_dead_consumer_mean_redelivery(
     [again] = await (await make_queue()).receive(1, timeout=0)
 
     assert (again.message_id, again.attempt) == (delivery.message_id, 2)
+
+
+async def test_acks_wait_at_most_a_second(
+    make_queue: MakeQueue, clock: ManualClock, queue_path: Path
+) -> None:
+    queue = await make_queue()
+    await queue.publish([b"a", b"b"])
+    a, b = await queue.receive(2, timeout=0)
+
+    await queue.ack(a)
+    clock.advance(SqliteQueue.MAX_ACK_DELAY)
+    await queue.ack(b)
+
+    assert rows(queue_path) == []
+
+
+@pytest.mark.parametrize(
+    ("owner", "recovered"),
+    [
+        (f"{socket.gethostname()}/4194305/x", True),  # above any pid_max: that process is gone
+        (f"{socket.gethostname()}/{os.getppid()}/x", False),  # alive
+        ("another-host/4194305/x", False),  # not ours to judge
+        ("legacy-owner", False),
+    ],
+)
+async def test_open_recovers_leases_of_dead_local_consumers(
+    make_queue: MakeQueue, queue_path: Path, owner: str, recovered: bool
+) -> None:
+    first = await make_queue()
+    await first.publish([b"a"])
+    [held] = await first.receive(1, timeout=0)
+    first._owner = "closed-elsewhere"  # so closing `first` does not release the lease itself
+    connection = sqlite3.connect(queue_path)
+    try:
+        with connection:
+            connection.execute("UPDATE queue_message SET lease_owner = ?", (owner,))
+    finally:
+        connection.close()
+
+    restarted = await make_queue()
+    deliveries = await restarted.receive(1, timeout=0)
+
+    if recovered:
+        assert [(d.message_id, d.attempt) for d in deliveries] == [(held.message_id, 2)]
+    else:
+        assert deliveries == []
 
 
 async def test_release_makes_a_message_deliverable_at_once_uncounted(make_queue: MakeQueue) -> None:
