@@ -75,13 +75,13 @@ def parse_message(body: bytes, message_id: str) -> BatchRequest:
         return BatchRequest(request_id=f"msg:{message_id}", dataset_id=stripped)
     try:
         data = json.loads(stripped)
-        text = not _LONE_SURROGATE.search(stripped) or _is_text(data)
+        unicode = not _LONE_SURROGATE.search(stripped) or _is_text(data)
     except json.JSONDecodeError as exc:
         raise InvalidMessage(f"not JSON and not a dataset id: {exc.msg} at position {exc.pos}") from None
     except RecursionError:
         # Thousands of nested arrays fit in 64 KiB; the decoder gives up on them this way.
         raise InvalidMessage("JSON nested too deeply") from None
-    if not text:
+    if not unicode:
         # A `\ud800` escape is valid JSON but no Unicode text: it cannot be stored, logged or sent.
         raise InvalidMessage("message contains a lone surrogate escape (\\uD800-\\uDFFF), which is not text")
     return request_from_json(data, message_id)

@@ -7,7 +7,6 @@ error formatter never echoes an input value.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 from contextvars import ContextVar
@@ -214,8 +213,12 @@ class ConfigError(Exception):
 
 def _variable(loc: tuple[int | str, ...]) -> str:
     # A list item's index (ORCH_AEP__SCOPES given as a TOML list) is not part of the variable's name.
-    names = list(itertools.takewhile(lambda part: isinstance(part, str), loc))
-    return "ORCH_" + "__".join(part.upper() for part in names)
+    names: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        names.append(part.upper())
+    return "ORCH_" + "__".join(names)
 
 
 _SOURCE_FIELD = re.compile(r'field "([^"]+)"')

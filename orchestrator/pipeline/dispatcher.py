@@ -74,7 +74,8 @@ class Dispatcher:
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch until `stop` is set; then return, leaving calls in flight to `drain`."""
         while not stop.is_set():
-            await self._slots.acquire()
+            if not await self._take_slot(stop):
+                break
             claim = await self._next_claim(stop)
             if claim is None:
                 self._slots.release()
@@ -82,6 +83,27 @@ class Dispatcher:
             task = asyncio.create_task(self._handle(claim))
             self._tasks.add(task)
             task.add_done_callback(self._finished)
+
+    async def _take_slot(self, stop: asyncio.Event) -> bool:
+        """A call slot, or False once `stop` is set: with every slot busy (calls hanging until their
+        timeout), `run` must still return at once, so that `drain` applies its grace to them."""
+        if not self._slots.locked():
+            await self._slots.acquire()  # a free slot: taken without waiting
+            return True
+        acquire = asyncio.ensure_future(self._slots.acquire())
+        stopped = asyncio.ensure_future(stop.wait())
+        waited = False
+        try:
+            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            waited = True
+        finally:
+            stopped.cancel()
+            acquire.cancel()  # a no-op once it has the slot
+            await asyncio.gather(acquire, stopped, return_exceptions=True)
+            got = not acquire.cancelled()
+            if got and (stop.is_set() or not waited):
+                self._slots.release()  # stopping, or cancelled: the slot is not needed
+        return got and not stop.is_set()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -116,8 +116,10 @@ def _dataset_hint(body: bytes) -> str | None:
     """The dataset id of an invalid message, when one can be read, so `batches --dataset` finds it."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deeply
         return None
     value = data.get("datasetId") if isinstance(data, dict) else None
-    return value[:128] if isinstance(value, str) else None
-
+    if not isinstance(value, str):
+        return None
+    # It is stored and logged: no control characters (PostgreSQL text holds no NUL), no lone surrogates.
+    return value[:128] if value[:128].isprintable() else None

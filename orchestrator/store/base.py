@@ -6,7 +6,7 @@ every broker and survive restarts; it is also what the later upload steps read.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -128,6 +128,9 @@ class BatchStore(Protocol):
 
     async def release(self, claim: Claim, now: datetime) -> None:
         """Give a claim back without an attempt having been made (shutdown, no token)."""
+
+    async def renew(self, claims: Sequence[Claim], lease_seconds: float, now: datetime) -> set[str]:
+        """Extend the leases of claims still held; returns the lease tokens that were renewed."""
 
     async def counts(self) -> dict[State, int]:
         """How many requests are in each state (backlog metrics, `--until-idle`)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -394,6 +394,22 @@ class SqlBatchStore:
         # No attempt was made, so it is not counted; no state changed, so no trail row.
         values = {"attempts": batch_request.c.attempts - 1}
         await self._finish(claim, now, values, None, None)
+
+    async def renew(self, claims: Sequence[Claim], lease_seconds: float, now: datetime) -> set[str]:
+        if not claims:
+            return set()
+        statement = (
+            update(batch_request)
+            .where(batch_request.c.lease_token.in_([claim.lease for claim in claims]))
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .returning(batch_request.c.lease_token)
+        )
+
+        async def run(tx: _Tx) -> set[str]:
+            return set((await tx.connection.execute(statement)).scalars())
+
+        renewed: set[str] = await self._write(_Op(run=run))
+        return renewed
 
     async def _finish(
         self,

@@ -9,7 +9,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
 
 from orchestrator.aep.api import Batch
 from orchestrator.aep.errors import AuthError
@@ -144,7 +143,7 @@ class Hang:
 
 
 # What a scripted call does: return a batch (or, for lookups, a list), raise, hang, or run a coroutine.
-Outcome = Union[Batch, list[Batch], BaseException, Hang, Callable[[], Awaitable[object]]]
+Outcome = Batch | list[Batch] | BaseException | Hang | Callable[[], Awaitable[object]]
 
 
 @dataclass(frozen=True)

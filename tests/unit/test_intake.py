@@ -111,7 +111,9 @@ async def test_bare_id_is_keyed_by_message_id(store: SqlBatchStore, clock: Manua
 
 
 @pytest.mark.parametrize("in_store", [True, False])
-async def test_invalid_message_is_dead_lettered(store: SqlBatchStore, clock: ManualClock, in_store: bool) -> None:
+async def test_invalid_message_is_dead_lettered(
+    store: SqlBatchStore, clock: ManualClock, in_store: bool
+) -> None:
     queue = FakeQueue(dead_letters_in_store=in_store)
     added = asyncio.Event()
     intake = make_intake(queue, store, clock, on_added=added)

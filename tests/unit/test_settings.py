@@ -7,7 +7,14 @@ from typing import Any
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from orchestrator.settings import DEFAULT_RATE, DEFAULT_SCOPES, ConfigError, RetrySettings, Settings, load_settings
+from orchestrator.settings import (
+    DEFAULT_RATE,
+    DEFAULT_SCOPES,
+    ConfigError,
+    RetrySettings,
+    Settings,
+    load_settings,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +168,12 @@ level = "warning"
     assert s.aep.scopes == ("a", "b")
     assert (s.aep.timeout, s.aep.input_format) == (3, "csv")
     assert (s.queue.name, s.limits.rate, s.limits.max_backlog, s.retry.max_attempts) == ("q1", 10, 5, 2)
-    assert (s.http.port, s.shutdown.grace, s.events.url, s.log.level) == (0, 1.5, "redis://localhost", "warning")
+    assert (s.http.port, s.shutdown.grace, s.events.url, s.log.level) == (
+        0,
+        1.5,
+        "redis://localhost",
+        "warning",
+    )
 
 
 def test_the_example_toml_loads() -> None:
@@ -175,8 +187,12 @@ def test_the_example_toml_loads() -> None:
 
 
 def test_precedence(monkeypatch: pytest.MonkeyPatch, clean: Path) -> None:
-    (clean / "c.toml").write_text("[limits]\nrate = 1\nconcurrency = 2\nmax_backlog = 3\n[aep]\nsandbox = 'toml'\n")
-    (clean / ".env").write_text("ORCH_LIMITS__RATE=10\nORCH_LIMITS__CONCURRENCY=20\nORCH_AEP__SANDBOX=dotenv\n")
+    (clean / "c.toml").write_text(
+        "[limits]\nrate = 1\nconcurrency = 2\nmax_backlog = 3\n[aep]\nsandbox = 'toml'\n"
+    )
+    (clean / ".env").write_text(
+        "ORCH_LIMITS__RATE=10\nORCH_LIMITS__CONCURRENCY=20\nORCH_AEP__SANDBOX=dotenv\n"
+    )
     monkeypatch.setenv("ORCH_LIMITS__RATE", "100")
     s = load_settings(str(clean / "c.toml"))
     assert s.limits.rate == 100  # environment over .env and TOML
@@ -191,7 +207,9 @@ def test_the_environment_overrides_one_field_of_a_toml_section(
 ) -> None:
     (clean / "c.toml").write_text("[retry]\nmax_attempts = 3\nbase_delay = 2\nmax_delay = 4\n")
     monkeypatch.setenv("ORCH_RETRY__MAX_DELAY", "9")
-    assert load_settings(str(clean / "c.toml")).retry == RetrySettings(max_attempts=3, base_delay=2, max_delay=9)
+    assert load_settings(str(clean / "c.toml")).retry == RetrySettings(
+        max_attempts=3, base_delay=2, max_delay=9
+    )
 
 
 def test_orch_config_names_the_toml_file(monkeypatch: pytest.MonkeyPatch, clean: Path) -> None:
@@ -215,7 +233,9 @@ def test_overrides_win(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_empty_dotenv_values_are_unset(clean: Path) -> None:
     # config/.env.example, copied as its first line says, leaves the credentials empty: that must read as
     # "not set" (credentials_problems names them), not as an empty client id and org id.
-    (clean / ".env").write_text("ORCH_AEP__CLIENT_ID=\nORCH_AEP__CLIENT_SECRET=\nORCH_AEP__ORG_ID=\nORCH_AEP__SANDBOX=prod\n")
+    (clean / ".env").write_text(
+        "ORCH_AEP__CLIENT_ID=\nORCH_AEP__CLIENT_SECRET=\nORCH_AEP__ORG_ID=\nORCH_AEP__SANDBOX=prod\n"
+    )
     s = load_settings()
     assert (s.aep.client_id, s.aep.client_secret, s.aep.org_id) == (None, None, None)
     names = [line.split(":")[0] for line in s.aep.credentials_problems()]
@@ -286,7 +306,12 @@ def test_invalid_value_in_dotenv(clean: Path, variable: str, raw: str) -> None:
 
 
 def test_one_line_per_problem(monkeypatch: pytest.MonkeyPatch) -> None:
-    bad = {"ORCH_LIMITS__RATE": "zq1", "ORCH_AEP__TIMEOUT": "zq2", "ORCH_LOG__LEVEL": "zq3", "ORCH_HTTP__PORT": "-1"}
+    bad = {
+        "ORCH_LIMITS__RATE": "zq1",
+        "ORCH_AEP__TIMEOUT": "zq2",
+        "ORCH_LOG__LEVEL": "zq3",
+        "ORCH_HTTP__PORT": "-1",
+    }
     for variable, raw in bad.items():
         monkeypatch.setenv(variable, raw)
     lines = problems()
@@ -346,7 +371,7 @@ def test_a_section_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_toml_syntax_error(clean: Path) -> None:
-    (clean / "c.toml").write_text("[aep]\nclient_secret = \"zq1secret\n")
+    (clean / "c.toml").write_text('[aep]\nclient_secret = "zq1secret\n')
     [line] = problems(str(clean / "c.toml"))
     assert line.startswith("ORCH_CONFIG: ")
     assert "zq1secret" not in line
@@ -380,7 +405,7 @@ def test_secrets_are_masked(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_settings_are_frozen() -> None:
     s = load_settings()
     with pytest.raises(ValidationError):
-        s.limits.rate = 5  # type: ignore[misc]
+        s.limits.rate = 5
 
 
 # --- credentials_problems ---------------------------------------------------------------------------------
@@ -391,12 +416,20 @@ def test_settings_are_frozen() -> None:
     [
         ({}, ["ORCH_AEP__ORG_ID", "ORCH_AEP__CLIENT_ID", "ORCH_AEP__CLIENT_SECRET"]),
         ({"ORCH_AEP__ORG_ID": "zqorg", "ORCH_AEP__CLIENT_ID": "zqcid"}, ["ORCH_AEP__CLIENT_SECRET"]),
-        ({"ORCH_AEP__ORG_ID": "zqorg", "ORCH_AEP__CLIENT_ID": "zqcid", "ORCH_AEP__CLIENT_SECRET": "zqsec"}, []),
+        (
+            {"ORCH_AEP__ORG_ID": "zqorg", "ORCH_AEP__CLIENT_ID": "zqcid", "ORCH_AEP__CLIENT_SECRET": "zqsec"},
+            [],
+        ),
         ({"ORCH_AEP__ORG_ID": "zqorg", "ORCH_AEP__ACCESS_TOKEN": "zqtok"}, ["ORCH_AEP__CLIENT_ID"]),
-        ({"ORCH_AEP__ORG_ID": "zqorg", "ORCH_AEP__ACCESS_TOKEN": "zqtok", "ORCH_AEP__CLIENT_ID": "zqcid"}, []),
+        (
+            {"ORCH_AEP__ORG_ID": "zqorg", "ORCH_AEP__ACCESS_TOKEN": "zqtok", "ORCH_AEP__CLIENT_ID": "zqcid"},
+            [],
+        ),
     ],
 )
-def test_credentials_problems(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: list[str]) -> None:
+def test_credentials_problems(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: list[str]
+) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     lines = load_settings().aep.credentials_problems()
