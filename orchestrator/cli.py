@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     enqueue = commands.add_parser("enqueue", help="publish requests to the configured queue")
     enqueue.add_argument("dataset_ids", nargs="*", metavar="DATASET_ID")
-    enqueue.add_argument("--file", metavar="PATH", help="one dataset id or JSON message per line; - for stdin")
+    enqueue.add_argument(
+        "--file", metavar="PATH", help="one dataset id or JSON message per line; - for stdin"
+    )
     enqueue.add_argument("--request-id", metavar="ID", help="the idempotency key (with one DATASET_ID)")
     enqueue.add_argument(
         "--input-format",

@@ -50,14 +50,18 @@ def demo_messages(count: int) -> list[bytes]:
     return bodies
 
 
+def _fresh_directory(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+
+
 def main(settings: Settings, count: int) -> int:
     return asyncio.run(_demo(settings, count))
 
 
 async def _demo(base: Settings, count: int) -> int:
     console = Console()
-    shutil.rmtree(DEMO_DIR, ignore_errors=True)
-    DEMO_DIR.mkdir(parents=True)
+    _fresh_directory(DEMO_DIR)
     log_path = DEMO_DIR / "orchestrator.log"
     with log_path.open("w", encoding="utf-8") as log_file:
         logs.configure("json", "info", stream=log_file)
@@ -143,7 +147,8 @@ async def _summary(
     )
     console.print(
         f"AEP saw {batches} batches for {created} requests, {duplicates} created twice; "
-        f"{stats.tokens_issued} token fetched; {sum(stats.faults.values())} faults injected and recovered from"
+        f"{stats.tokens_issued} token fetched; "
+        f"{sum(stats.faults.values())} faults injected and recovered from"
     )
     console.print(
         f"Records: ORCH_STORE__URL=sqlite:///{DEMO_DIR}/orchestrator.db orchestrator batches\n"

@@ -54,12 +54,14 @@ class Dispatcher:
         self._policy = policy
         self._clock = clock
         self._owner = owner
-        self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
+        self._slot_freed = asyncio.Event()
         self._lease_seconds = lease_seconds
         self._default_format = default_format
         self._poll_interval = poll_interval
         self._wake = wake or asyncio.Event()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: dict[asyncio.Task[None], Claim] = {}
+        self._renewer: asyncio.Task[None] | None = None
         self._credentials_problem: str | None = None
         self.stats = DispatchStats()
 
@@ -72,74 +74,82 @@ class Dispatcher:
         return self._credentials_problem
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Dispatch until `stop` is set; then return, leaving calls in flight to `drain`."""
-        while not stop.is_set():
-            if not await self._take_slot(stop):
-                break
-            claim = await self._next_claim(stop)
-            if claim is None:
-                self._slots.release()
-                break
-            task = asyncio.create_task(self._handle(claim))
-            self._tasks.add(task)
-            task.add_done_callback(self._finished)
+        """Dispatch until `stop` is set; then return, leaving calls in flight to `drain`.
 
-    async def _take_slot(self, stop: asyncio.Event) -> bool:
-        """A call slot, or False once `stop` is set: with every slot busy (calls hanging until their
-        timeout), `run` must still return at once, so that `drain` applies its grace to them."""
-        if not self._slots.locked():
-            await self._slots.acquire()  # a free slot: taken without waiting
-            return True
-        acquire = asyncio.ensure_future(self._slots.acquire())
-        stopped = asyncio.ensure_future(stop.wait())
-        waited = False
-        try:
-            await asyncio.wait({acquire, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            waited = True
-        finally:
-            stopped.cancel()
-            acquire.cancel()  # a no-op once it has the slot
-            await asyncio.gather(acquire, stopped, return_exceptions=True)
-            got = not acquire.cancelled()
-            if got and (stop.is_set() or not waited):
-                self._slots.release()  # stopping, or cancelled: the slot is not needed
-        return got and not stop.is_set()
+        Every free call slot is filled from one claim (one store transaction for many requests):
+        a transaction per request would cap the rate at what the disk commits per second."""
+        self._renewer = self._renewer or asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        while not stop.is_set():
+            free = self._concurrency - len(self._tasks)
+            if free <= 0:
+                # Woken by a finished call, or by `stop` even while every call hangs to its timeout.
+                self._slot_freed.clear()
+                await sleep_until_set(self._clock, self._poll_interval, stop, self._slot_freed)
+                continue
+            for claim in await self._next_claims(stop, free):
+                task = asyncio.create_task(self._handle(claim))
+                self._tasks[task] = claim
+                task.add_done_callback(self._finished)
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+        self._tasks.pop(task, None)
+        self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatcher.task_crashed", exc_info=task.exception())
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of requests in flight alive. A call can wait in the limiter through
+        several throttling pauses; were its lease to run out meanwhile, another dispatcher could
+        claim the request and both would create a batch. A call whose lease was lost anyway (this
+        process stalled past it) is cancelled before it can create a second batch."""
+        interval = self._lease_seconds / 3
+        while True:
+            await self._clock.sleep(interval)
+            held = dict(self._tasks)
+            if not held:
+                continue
+            renewed = await self._store.renew(list(held.values()), self._lease_seconds, self._clock.now())
+            for task, claim in held.items():
+                if claim.lease not in renewed and not task.done():
+                    log.error("dispatcher.lease_lost", request_id=claim.record.request_id)
+                    task.cancel()
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish within `grace` seconds; cancel the rest. A cancelled call's
         outcome is unknown, so its request is marked for a lookup before the next create."""
-        if not self._tasks:
-            return
-        log.info("dispatcher.draining", in_flight=len(self._tasks), grace=grace)
-        _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
-            log.warning("dispatcher.drain_cancelled", cancelled=len(pending))
+        try:
+            if not self._tasks:
+                return
+            log.info("dispatcher.draining", in_flight=len(self._tasks), grace=grace)
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+                log.warning("dispatcher.drain_cancelled", cancelled=len(pending))
+        finally:
+            if self._renewer is not None:
+                self._renewer.cancel()
+                await asyncio.gather(self._renewer, return_exceptions=True)
+                self._renewer = None
 
-    async def _next_claim(self, stop: asyncio.Event) -> Claim | None:
+    async def _next_claims(self, stop: asyncio.Event, limit: int) -> list[Claim]:
+        """Up to `limit` due requests, waiting for some to become due; [] once `stop` is set."""
         while not stop.is_set():
             if not await self._credentials_ok():
                 await sleep_until_set(self._clock, min(self._poll_interval * 4, 2.0), stop)
                 continue
             now = self._clock.now()
-            claims = await self._store.claim(self._owner, 1, self._lease_seconds, now)
+            claims = await self._store.claim(self._owner, limit, self._lease_seconds, now)
             if claims:
-                return claims[0]
+                return claims
             self._wake.clear()
             due = await self._store.next_due()
             wait = self._poll_interval
             if due is not None:
                 wait = min(wait, max(0.0, (due - now).total_seconds()))
             await sleep_until_set(self._clock, wait, stop, self._wake)
-        return None
+        return []
 
     async def _credentials_ok(self) -> bool:
         """No request is claimed while there is no token: a credential problem fails nothing."""

@@ -62,13 +62,14 @@ class Intake:
                 continue
             self._note_backpressure(False)
             deliveries = await self._queue.receive(min(self._batch_size, room), self._poll_timeout)
-            for index, delivery in enumerate(deliveries):
-                if stop.is_set():
-                    # Shutting down: what was received but not recorded goes back to the broker.
-                    for rest in deliveries[index:]:
-                        await self._queue.release(rest)
-                    return
-                await self.handle(delivery)
+            if stop.is_set():
+                # Shutting down: what was received but not recorded goes back to the broker.
+                for delivery in deliveries:
+                    await self._queue.release(delivery)
+                return
+            # Recorded concurrently: the store commits concurrent writes together, one disk sync
+            # for the whole batch instead of one per message.
+            await asyncio.gather(*(self.handle(delivery) for delivery in deliveries))
 
     async def handle(self, delivery: Delivery) -> None:
         with structlog.contextvars.bound_contextvars(message_id=delivery.message_id):
@@ -94,7 +95,7 @@ class Intake:
                     self.stats.conflicts += 1
                     log.warning(
                         "intake.conflict",
-                        reason="requestId already recorded with another dataset, format or tags; kept the first",
+                        reason="requestId known with another dataset, format or tags: kept the first",
                     )
 
     async def _reject(self, delivery: Delivery, reason: str) -> None:

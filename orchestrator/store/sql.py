@@ -463,11 +463,11 @@ class SqlBatchStore:
                     continue
                 try:
                     results = await self._transaction(batch)
-                except Exception:
+                except Exception:  # noqa: BLE001 - retried one by one below, each failing on its own
                     for op in batch:  # find the one that failed; the others still succeed
                         try:
                             [result] = await self._transaction([op])
-                        except Exception as exc:
+                        except Exception as exc:  # noqa: BLE001 - handed to the caller that asked
                             op.fail(exc)
                         else:
                             op.resolve(result)

@@ -72,7 +72,9 @@ class Process:
         except TimeoutError:
             self.proc.kill()
             out, err = await self._io
-            raise AssertionError(f"orchestrator did not finish in {timeout}s:\n{err.decode()[-3000:]}") from None
+            raise AssertionError(
+                f"orchestrator did not finish in {timeout}s:\n{err.decode()[-3000:]}"
+            ) from None
         assert self.proc.returncode is not None
         return Result(self.proc.returncode, out.decode(), err.decode())
 
@@ -80,8 +82,9 @@ class Process:
         self.proc.send_signal(sig)
 
 
-async def run(args: list[str], env: dict[str, str], cwd: Path, stdin: bytes | None = None,
-              timeout: float = 90.0) -> Result:
+async def run(
+    args: list[str], env: dict[str, str], cwd: Path, stdin: bytes | None = None, timeout: float = 90.0
+) -> Result:
     return await (await start(args, env, cwd, stdin)).wait(timeout)
 
 

@@ -67,7 +67,8 @@ async def test_chaos_every_request_created_exactly_once(tmp_path: Path, chaos: S
     assert max(stats.batches_per_dataset.values()) == 1
     assert len(stats.batches) == COUNT
     assert {record["batchId"] for record in records} == {batch.id for batch in stats.batches}
-    assert stats.faults["drop_after"] > 0 and stats.faults["slow"] > 0
+    assert stats.faults["drop_after"] > 0
+    assert stats.faults["slow"] > 0
     assert any(event["event"] == "batch.adopted" for event in events(ran.stderr))
     # Never sooner than Retry-After, never more calls in a second than the rate.
     assert stats.early_retries == 0

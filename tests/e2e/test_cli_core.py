@@ -62,14 +62,17 @@ async def test_150_requests_one_batch_each(tmp_path: Path, simulator: Simulator)
     failed = records["unknown-dataset"]
     assert failed["state"] == "failed"
     assert failed["attempts"] == 1
-    assert "400" in failed["lastError"] and UNKNOWN in failed["lastError"]
+    assert "400" in failed["lastError"]
+    assert UNKNOWN in failed["lastError"]
     assert stats.tokens_issued == 1
     assert stats.header_rejections == 0
     assert stats.unauthorized == 0
     # Logs are JSON with the contract's keys bound, and no secret appears anywhere.
     created_events = [e for e in events(ran.stderr) if e["event"] == "batch.created"]
     assert len(created_events) == 148
-    assert {"timestamp", "level", "request_id", "dataset_id", "batch_id", "attempt"} <= created_events[0].keys()
+    assert {"timestamp", "level", "request_id", "dataset_id", "batch_id", "attempt"} <= created_events[
+        0
+    ].keys()
     assert "sim-secret" not in ran.stderr
 
 
@@ -92,21 +95,27 @@ async def test_enqueue_names_invalid_lines_and_publishes_the_rest(tmp_path: Path
     assert "published 2" in result.stdout
     for line in (2, 3, 5, 6, 7):
         assert f"line {line}:" in result.stderr
-    assert "line 1:" not in result.stderr and "line 8:" not in result.stderr
+    assert "line 1:" not in result.stderr
+    assert "line 8:" not in result.stderr
     assert "Traceback" not in result.stderr
 
 
 async def test_enqueue_arguments_with_request_id(tmp_path: Path, simulator: Simulator) -> None:
     env = cli_env(tmp_path, simulator.url)
-    first = await run(["enqueue", ds(7), "--request-id", "only-once", "--input-format", "parquet"], env, tmp_path)
-    again = await run(["enqueue", ds(7), "--request-id", "only-once", "--input-format", "parquet"], env, tmp_path)
+    first = await run(
+        ["enqueue", ds(7), "--request-id", "only-once", "--input-format", "parquet"], env, tmp_path
+    )
+    again = await run(
+        ["enqueue", ds(7), "--request-id", "only-once", "--input-format", "parquet"], env, tmp_path
+    )
     assert first.code == again.code == 0
     assert (await run(["run", "--until-idle"], env, tmp_path)).code == 0
     records = (await run(["batches", "--json", "--state", "created"], env, tmp_path)).json_lines()
     assert [record["requestId"] for record in records] == ["only-once"]
     assert len(simulator.stats.batches) == 1
     batch = simulator.batch(simulator.stats.batches[0].id)
-    assert batch is not None and batch["inputFormat"] == {"format": "parquet"}
+    assert batch is not None
+    assert batch["inputFormat"] == {"format": "parquet"}
 
 
 async def test_configuration_errors_exit_2_naming_each_setting(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ async def _enqueue(env: dict[str, str], cwd: Path) -> None:
 
 async def _wait_for_batches(sim: Simulator, at_least: int, timeout: float = 30.0) -> None:
     async with asyncio.timeout(timeout):
-        while len(sim.stats.batches) < at_least:
+        while len(sim.stats.batches) < at_least:  # noqa: ASYNC110 - the stats have no event to await
             await asyncio.sleep(0.05)
 
 
@@ -71,8 +71,12 @@ async def test_kill_9_mid_run_then_restart(tmp_path: Path, slow_simulator: Simul
     assert {record["batchId"] for record in records} == batch_ids
 
 
-async def test_sigterm_finishes_calls_in_flight_and_exits_0(tmp_path: Path, slow_simulator: Simulator) -> None:
-    env = cli_env(tmp_path, slow_simulator.url, LIMITS__RATE="40", LIMITS__CONCURRENCY="8", SHUTDOWN__GRACE="5")
+async def test_sigterm_finishes_calls_in_flight_and_exits_0(
+    tmp_path: Path, slow_simulator: Simulator
+) -> None:
+    env = cli_env(
+        tmp_path, slow_simulator.url, LIMITS__RATE="40", LIMITS__CONCURRENCY="8", SHUTDOWN__GRACE="5"
+    )
     await _enqueue(env, tmp_path)
     service = await start(["run"], env, tmp_path)
     await _wait_for_batches(slow_simulator, 10)

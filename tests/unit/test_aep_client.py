@@ -96,8 +96,6 @@ class FakeGate:
         self.events.append(("record", status, retry_after))
 
 
-
-
 @pytest.fixture
 def tokens() -> FakeTokens:
     return FakeTokens()

@@ -55,8 +55,6 @@ class TopRng(random.Random):
         return b
 
 
-
-
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()

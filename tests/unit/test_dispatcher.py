@@ -532,12 +532,19 @@ async def test_wake_picks_up_new_requests_at_once(store: SqlBatchStore, clock: M
 async def test_outcomes_are_fenced_by_the_lease(store: SqlBatchStore, clock: ManualClock) -> None:
     released = asyncio.Event()
 
-    async def slow_create() -> Batch:
-        # Meanwhile this dispatcher's lease expires and another one takes the request over.
-        clock.advance(61)
-        [other] = await store.claim("other", 1, 60, clock.now())
-        assert await store.mark_created(other, "b-other", "loading", clock.now())
+    async def take_over() -> None:
+        # As another dispatcher sees it, 61 s on: this process stalled past its lease, unrenewed.
+        later = clock.now() + timedelta(seconds=61)
+        [other] = await store.claim("other", 1, 60, later)
+        assert await store.mark_created(other, "b-other", "loading", later)
         released.set()
+
+    async def slow_create() -> Batch:
+        # The lease renewer may notice the lost lease and cancel this call (shielded, the takeover
+        # completes either way); if not, the stale outcome is fenced off. Either way the other
+        # dispatcher's batch must stand.
+        await asyncio.shield(take_over())
+        clock.advance(61)
         return Batch("b-stale", "loading", EXT, DS)
 
     api = FakeApi(creates=[slow_create])
@@ -549,3 +556,25 @@ async def test_outcomes_are_fenced_by_the_lease(store: SqlBatchStore, clock: Man
     assert record is not None
     assert record.batch_id == "b-other"  # the stale attempt overwrote nothing
     assert run.dispatcher.stats.created == 0
+
+
+async def test_a_call_waiting_past_its_lease_keeps_it(store: SqlBatchStore, clock: ManualClock) -> None:
+    """A call held up longer than the lease (throttling pauses) has its lease renewed, so no other
+    dispatcher can claim the request meanwhile and create a second batch."""
+    stolen: list[object] = []
+
+    async def slow_create() -> Batch:
+        for _ in range(6):  # 6 x 25 s = 150 s, well past the 60 s lease
+            clock.advance(25)
+            await asyncio.sleep(0.01)  # room for the renewer to run
+            stolen.extend(await store.claim("other", 1, 60, clock.now()))
+        return Batch("b1", "loading", EXT, DS)
+
+    api = FakeApi(creates=[slow_create])
+    await add(store, clock, "r1")
+    async with Running(store, api, clock) as run:
+        await until(lambda: run.dispatcher.stats.created == 1)
+    assert stolen == []
+    record = await store.get("r1")
+    assert record is not None
+    assert record.batch_id == "b1"
