@@ -31,6 +31,12 @@ from orchestrator.store.sql import SqlBatchStore
 log = logs.get("service")
 
 
+# Requests the dispatcher holds per call slot. A request spends time on either side of its call
+# (claimed, then recorded), and while it does its slot could carry another call; holding a few per
+# slot keeps every slot busy. Calls in flight stay bounded by ORCH_LIMITS__CONCURRENCY (the limiter).
+CLAIMS_PER_CALL_SLOT = 4
+
+
 def lease_seconds(settings: Settings) -> float:
     """How long a claimed request stays leased: long enough for a lookup and a create (each bounded
     by the timeout) after waiting out a throttling pause; short enough that a request whose process
@@ -80,7 +86,7 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
                         policy,
                         clock,
                         owner=owner,
-                        concurrency=settings.limits.concurrency,
+                        concurrency=settings.limits.concurrency * CLAIMS_PER_CALL_SLOT,
                         lease_seconds=lease_seconds(settings),
                         default_format=settings.aep.input_format,
                         wake=wake,

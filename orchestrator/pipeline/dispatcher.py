@@ -79,9 +79,11 @@ class Dispatcher:
         Every free call slot is filled from one claim (one store transaction for many requests):
         a transaction per request would cap the rate at what the disk commits per second."""
         self._renewer = self._renewer or asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        # Refill in chunks: a claim per finished request would cost a store transaction each.
+        refill_at = max(1, self._concurrency // 4)
         while not stop.is_set():
             free = self._concurrency - len(self._tasks)
-            if free <= 0:
+            if free < refill_at:
                 # Woken by a finished call, or by `stop` even while every call hangs to its timeout.
                 self._slot_freed.clear()
                 await sleep_until_set(self._clock, self._poll_interval, stop, self._slot_freed)
@@ -110,7 +112,7 @@ class Dispatcher:
                 continue
             renewed = await self._store.renew(list(held.values()), self._lease_seconds, self._clock.now())
             for task, claim in held.items():
-                if claim.lease not in renewed and not task.done():
+                if claim.record.request_id not in renewed and not task.done():
                     log.error("dispatcher.lease_lost", request_id=claim.record.request_id)
                     task.cancel()
 

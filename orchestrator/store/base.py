@@ -130,7 +130,7 @@ class BatchStore(Protocol):
         """Give a claim back without an attempt having been made (shutdown, no token)."""
 
     async def renew(self, claims: Sequence[Claim], lease_seconds: float, now: datetime) -> set[str]:
-        """Extend the leases of claims still held; returns the lease tokens that were renewed."""
+        """Extend the leases of claims still held; returns the request ids whose lease was renewed."""
 
     async def counts(self) -> dict[State, int]:
         """How many requests are in each state (backlog metrics, `--until-idle`)."""

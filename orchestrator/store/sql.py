@@ -38,7 +38,6 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
-    case,
     func,
     insert,
     or_,
@@ -315,14 +314,17 @@ class SqlBatchStore:
             ids = list((await tx.connection.execute(due)).scalars())
             if not ids:
                 return []
-            tokens = {pk: uuid4().hex for pk in ids}
+            # One lease token for the claim: it fences per row together with the request id, and a
+            # single bound value keeps the statement cacheable (a CASE per row was compiled anew
+            # on every claim).
+            token = uuid4().hex
             statement = (
                 update(batch_request)
                 # The conditions again: should a row have been claimed since the SELECT (possible on
                 # PostgreSQL only without the row lock), this skips it rather than claiming it twice.
                 .where(batch_request.c.id.in_(ids), *claimable)
                 .values(
-                    lease_token=case(tokens, value=batch_request.c.id),
+                    lease_token=token,
                     lease_owner=owner,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                     attempts=batch_request.c.attempts + 1,
@@ -400,9 +402,12 @@ class SqlBatchStore:
             return set()
         statement = (
             update(batch_request)
-            .where(batch_request.c.lease_token.in_([claim.lease for claim in claims]))
+            .where(
+                batch_request.c.request_id.in_([claim.record.request_id for claim in claims]),
+                batch_request.c.lease_token.in_({claim.lease for claim in claims}),
+            )
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
-            .returning(batch_request.c.lease_token)
+            .returning(batch_request.c.request_id)
         )
 
         async def run(tx: _Tx) -> set[str]:

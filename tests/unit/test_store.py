@@ -178,7 +178,9 @@ async def test_claim_leases_due_requests_oldest_first(make_store: MakeStore, now
     assert [c.record.request_id for c in first] == ["a", "b"]
     assert [c.record.request_id for c in second] == ["c"]
     assert {(c.attempt, c.record.attempts, c.needs_lookup) for c in first + second} == {(1, 1, False)}
-    assert len({c.lease for c in first + second}) == 3
+    # One token per claim (it fences together with the request id); every claim gets a new one.
+    assert len({c.lease for c in first}) == 1
+    assert first[0].lease != second[0].lease
     assert await store.claim("d1", 2, 30, now + timedelta(seconds=5)) == []
     assert (await store.counts())[State.PENDING] == 3  # a claim is not a state change
     assert len(await store.history("a")) == 1
