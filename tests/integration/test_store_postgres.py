@@ -17,10 +17,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
 from orchestrator.store.engine import async_url
-from orchestrator.store.sql import SqlBatchStore
 from tests.conftest import require_service
 from tests.unit import test_store as unit
-from tests.unit.test_store import MakeStore, now  # noqa: F401  # the fixture, shared
+from tests.unit.test_store import now  # noqa: F401  # the fixture, shared
 
 pytestmark = pytest.mark.integration
 
@@ -50,18 +49,3 @@ async def store_url() -> AsyncIterator[str]:
         yield SERVER.set(database=name).render_as_string(hide_password=False)
     finally:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@pytest.fixture
-async def make_store(store_url: str) -> AsyncIterator[MakeStore]:
-    stores: list[SqlBatchStore] = []
-
-    async def make(**options: int) -> SqlBatchStore:
-        store = SqlBatchStore(store_url, **options)
-        stores.append(store)
-        await store.open()
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()

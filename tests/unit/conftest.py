@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from unittest.mock import Mock
 
@@ -10,6 +11,10 @@ import aiohttp
 import pytest
 from aioresponses import aioresponses
 from yarl import URL
+
+from orchestrator.clock import ManualClock
+from orchestrator.store.sql import SqlBatchStore
+from tests.unit.fakes import open_store
 
 
 class _MockResponse(aiohttp.ClientResponse):
@@ -32,3 +37,16 @@ def mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqlBatchStore]:
+    """A migrated SQLite store in the test's directory."""
+    store = await open_store(tmp_path)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()

@@ -4,9 +4,7 @@ import asyncio
 import contextlib
 import itertools
 import random
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from types import TracebackType
 
 import pytest
@@ -20,23 +18,11 @@ from orchestrator.pipeline.retry import RetryBudget, RetryPolicy
 from orchestrator.settings import RetrySettings
 from orchestrator.store.base import BatchRecord, State
 from orchestrator.store.sql import SqlBatchStore
-from tests.unit.fakes import Call, FakeApi, Hang, open_store, until
+from tests.unit.fakes import Call, FakeApi, Hang, until
 
 DS = "5c8c3c555033b814b69f947f"
 EXT = external_id_for("r1")
 POLL_INTERVAL = 0.5
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqlBatchStore]:
-    store = await open_store(tmp_path)
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
 
 
 def http(status: int, retry_after: str | None = None, detail: str = "boom") -> AepHttpError:

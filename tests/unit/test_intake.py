@@ -2,9 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,21 +13,9 @@ from orchestrator.pipeline.intake import Intake
 from orchestrator.queues.base import Delivery, Queue
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
-from tests.unit.fakes import FakeQueue, open_store, until
+from tests.unit.fakes import FakeQueue, until
 
 DS = "5c8c3c555033b814b69f947f"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqlBatchStore]:
-    store = await open_store(tmp_path)
-    yield store
-    await store.close()
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
 
 
 def msg(**fields: Any) -> bytes:

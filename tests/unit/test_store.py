@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -25,8 +25,8 @@ from orchestrator.messages import BatchRequest
 from orchestrator.store.base import AddResult, BatchStore, State
 from orchestrator.store.engine import async_url, create_engine
 from orchestrator.store.sql import MIGRATIONS, SqlBatchStore, metadata
+from tests.conftest import MakeStore
 
-MakeStore = Callable[..., Awaitable[SqlBatchStore]]
 T = TypeVar("T")
 
 PORTABLE: list[Callable[..., Awaitable[None]]] = []
@@ -48,22 +48,6 @@ def now() -> datetime:
 @pytest.fixture
 def store_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path}/store.db"
-
-
-@pytest.fixture
-async def make_store(store_url: str) -> AsyncIterator[MakeStore]:
-    """Opens stores on one database (several, to test concurrent instances) and closes them all."""
-    stores: list[SqlBatchStore] = []
-
-    async def make(**options: int) -> SqlBatchStore:
-        store = SqlBatchStore(store_url, **options)
-        stores.append(store)
-        await store.open()
-        return store
-
-    yield make
-    for store in stores:
-        await store.close()
 
 
 def request(request_id: str = "r1", dataset_id: str = "ds1", **fields: object) -> BatchRequest:
