@@ -94,6 +94,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(exc.problems)
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except Exception as exc:  # noqa: BLE001 - a runtime failure is one line for the user, not a traceback
+        logs.get("cli").debug("cli.failed", exc_info=exc)
+        print(f"orchestrator: {args.command} failed: {type(exc).__name__}: {exc}"[:1000], file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _usage_error(problems: Iterable[str]) -> int:
@@ -206,6 +210,8 @@ async def _batches(settings: Settings, args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table("request", "dataset", "state", "batch", "status", "attempts", "updated", "last error")
+    for column in table.columns[:7]:
+        column.no_wrap = True
     for record in records:
         row = record.to_json()
         table.add_row(
@@ -214,7 +220,8 @@ async def _batches(settings: Settings, args: argparse.Namespace) -> int:
             str(row["updatedAt"]),
             (record.last_error or "")[:60],
         )
-    Console().print(table)
+    # Piped output has no terminal width to fit: keep rows whole rather than cut at 80 columns.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
     print(f"{len(records)} records")
     return EXIT_OK
 

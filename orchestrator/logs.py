@@ -52,7 +52,7 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Libraries are chatty at INFO about things our own events already say.
-    for noisy in ("aiohttp.access", "sqlalchemy.engine", "alembic.runtime.migration"):
+    for noisy in ("aiohttp.access", "sqlalchemy.engine", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         # Filtering first: an event below the level costs a comparison, not the processor chain.
