@@ -12,6 +12,7 @@ describe it for the queries; `tests/unit/test_store.py` checks the two agree.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +39,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    Update,
+    bindparam,
     func,
     insert,
     or_,
@@ -48,6 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.sql.elements import ClauseElement
 
 from orchestrator.messages import BatchRequest
 from orchestrator.store.base import AddResult, BatchRecord, Claim, State, StateChange
@@ -160,6 +164,35 @@ batch_event = Table(
 _UNFINISHED = batch_request.c.state.in_([State.PENDING.value, State.RETRYING.value])
 _DUE = batch_request.c.next_attempt_at.is_not(None)  # the same rows (ck_batch_request_due)
 _NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_fenced_update(columns: tuple[str, ...]) -> Update:
+    return _build_fenced_update(columns, {})
+
+
+def _fenced_update(columns: tuple[str, ...], **expressions: ClauseElement) -> Update:
+    """`UPDATE batch_request SET <columns>, no lease WHERE request_id AND lease_token match`.
+
+    Without SQL expressions among the values (every outcome but a release), one statement object per
+    set of columns is reused: SQLAlchemy then keeps its cache key and compiled form, where building
+    the statement anew on every call cost more CPU than the database's own work."""
+    if expressions:
+        return _build_fenced_update(columns, expressions)
+    return _cached_fenced_update(columns)
+
+
+def _build_fenced_update(columns: tuple[str, ...], expressions: dict[str, ClauseElement]) -> Update:
+    binds = {name: bindparam(f"v_{name}", type_=batch_request.c[name].type) for name in columns}
+    return (
+        update(batch_request)
+        .where(
+            batch_request.c.request_id == bindparam("fence_request_id"),
+            batch_request.c.lease_token == bindparam("fence_lease"),
+        )
+        .values(**binds, **expressions, **_NO_LEASE)
+        .returning(batch_request.c.id)
+    )
 
 
 def alembic_config(connection: Connection | None = None) -> Config:
@@ -425,18 +458,14 @@ class SqlBatchStore:
         detail: str | None,
     ) -> bool:
         """Write an attempt's outcome and drop its lease, only while the lease is still the claim's."""
-        statement = (
-            update(batch_request)
-            .where(
-                batch_request.c.request_id == claim.record.request_id,
-                batch_request.c.lease_token == claim.lease,
-            )
-            .values(**values, **_NO_LEASE, updated_at=now)
-            .returning(batch_request.c.id)
-        )
+        values = {**values, "updated_at": now}
+        expressions = {name: value for name, value in values.items() if isinstance(value, ClauseElement)}
+        statement = _fenced_update(tuple(sorted(set(values) - set(expressions))), **expressions)
+        parameters = {f"v_{name}": value for name, value in values.items() if name not in expressions}
+        parameters.update(fence_request_id=claim.record.request_id, fence_lease=claim.lease)
 
         async def run(tx: _Tx) -> bool:
-            pk = (await tx.connection.execute(statement)).scalar_one_or_none()
+            pk = (await tx.connection.execute(statement, parameters)).scalar_one_or_none()
             if pk is None:
                 return False
             if to_state is not None:
