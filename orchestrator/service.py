@@ -65,10 +65,11 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
         try:
             connector = aiohttp.TCPConnector(limit=settings.limits.concurrency * 2)
             async with aiohttp.ClientSession(connector=connector) as session:
-                limiter = Limiter(settings.limits, clock, pause_cap=max(settings.retry.max_delay, 1.0))
+                policy = RetryPolicy(settings.retry, random.Random(), RetryBudget())
+                # One cap on Retry-After for both: the shared pause and the request's own retry.
+                limiter = Limiter(settings.limits, clock, pause_cap=policy.retry_after_cap)
                 tokens = token_provider(settings.aep, session, clock)
                 client = AepClient(settings.aep, session, tokens, gate=limiter)
-                policy = RetryPolicy(settings.retry, random.Random(), RetryBudget())
                 wake = asyncio.Event()
                 owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
                 yield Components(

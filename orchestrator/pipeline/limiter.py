@@ -5,7 +5,7 @@ Three limits, taken in this order:
 2. the shared pause: after a 429 (or a 503 with Retry-After) *everyone* waits, not just the caller
    that got it: the server's limit is shared, so the calls behind it would only collect 429s too;
 3. the rate (`asyncio_throttle.Throttler`, a sliding log: never more than N starts in any window of
-   one period), whose N adapts: halved on a throttle signal, recovered linearly on success (AIMD).
+   one period), whose N adapts: cut by 30 % on a throttle signal, recovered linearly on success (AIMD).
 
 `RateController` holds the adaptive part and is pure (clock injected), so it is tested without waiting.
 """
@@ -44,20 +44,30 @@ class ThrottleOutcome:
     paused: float
 
 
+# What a throttle signal multiplies the rate by, and the share of the configured rate regained per
+# period of unpaused time after a decrease.
+BETA = 0.7
+RECOVERY = 0.2
+
+
 class RateController:
     """Adaptive rate, in calls per `period`, between `min_rate` and the configured `rate`.
 
     - Multiplicative decrease (x`beta`) on a throttle signal, at most once per period: the calls
       already in flight were all sent at the old rate, so their burst of 429s is one signal, not ten
-      (ten halvings would drop to the floor on a single overload).
-    - Additive increase on success: `rate/10` per period of time since the last change, so a halved
-      rate is back in 5 periods whatever the call volume. Time spent paused does not count: the pause
-      is the server's, not evidence that it recovered.
+      (ten decreases would drop to the floor on a single overload). `beta` is 0.7, as in the AWS
+      SDK's adaptive mode: a halving per signal left the rate far below the limit most of the time
+      when an API answers a few per cent of calls with 429s it would send at any rate.
+    - Additive increase on success: `recovery` (a fifth) of the configured rate per period of time
+      since the last change, so a decreased rate is back in under 2 periods whatever the call
+      volume. Time spent paused does not count: the pause is the server's, not evidence that it
+      recovered.
     - A shared pause: `paused_until` (monotonic) only moves forward; Retry-After is capped at
       `pause_cap` so a bogus header cannot stop the service for hours; without one, one period.
 
-    The floor defaults to 5% of the rate (four to five halvings), and at least one call per minute,
-    so a trickle keeps probing the server: without calls there are no successes to recover on.
+    The floor defaults to 5% of the rate (eight or nine decreases in a row), and at least one call
+    per minute, so a trickle keeps probing the server: without calls there are no successes to
+    recover on.
     """
 
     def __init__(
@@ -68,7 +78,8 @@ class RateController:
         *,
         min_rate: float | None = None,
         pause_cap: float = 60.0,
-        beta: float = 0.5,
+        beta: float = BETA,
+        recovery: float = RECOVERY,
     ) -> None:
         if rate <= 0 or period <= 0:
             raise ValueError("rate and period must be positive")
@@ -82,6 +93,7 @@ class RateController:
             raise ValueError("min_rate must be positive")
         self.pause_cap = pause_cap
         self.beta = beta
+        self.recovery = recovery
         self._clock = clock
         self._rate = self.max_rate
         self._paused_until = -math.inf
@@ -130,7 +142,7 @@ class RateController:
         if self._rate >= self.max_rate:
             return None
         old = self._rate
-        self._rate = min(self.max_rate, old + self.max_rate / 10.0 * (now - start) / self.period)
+        self._rate = min(self.max_rate, old + self.max_rate * self.recovery * (now - start) / self.period)
         return RateChange(old, self._rate)
 
 

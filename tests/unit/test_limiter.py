@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from orchestrator.clock import ManualClock
-from orchestrator.pipeline.limiter import Limiter, RateController, throttler_params
+from orchestrator.pipeline.limiter import BETA, Limiter, RateController, throttler_params
 from orchestrator.settings import LimitSettings
 
 # --- RateController (pure, manual clock) ----------------------------------------------------------
@@ -35,7 +35,7 @@ OPS = st.lists(
 )
 def test_controller_invariants(rate: float, period: float, cap: float, ops: list[tuple[str, object]]) -> None:
     clock = ManualClock()
-    ctl = RateController(rate, period, clock, pause_cap=cap)
+    ctl = RateController(rate, period, clock, pause_cap=cap, beta=0.5, recovery=0.1)
     last_decrease: float | None = None
     earned_since = 0.0  # recovery can only be earned from the later of the last success and decrease
     for op, arg in ops:
@@ -71,7 +71,7 @@ def test_controller_invariants(rate: float, period: float, cap: float, ops: list
 
 def test_a_burst_of_429s_is_one_signal() -> None:
     clock = ManualClock()
-    ctl = RateController(32, 1.0, clock)
+    ctl = RateController(32, 1.0, clock, beta=0.5, recovery=0.1)
     assert ctl.on_throttle(None).decreased is not None
     for _ in range(10):
         clock.advance(0.05)
@@ -84,7 +84,7 @@ def test_a_burst_of_429s_is_one_signal() -> None:
 
 def test_rate_never_drops_below_the_floor() -> None:
     clock = ManualClock()
-    ctl = RateController(33, 1.0, clock)
+    ctl = RateController(33, 1.0, clock, beta=0.5, recovery=0.1)
     assert ctl.min_rate == pytest.approx(1.65)  # 5% of the rate
     for _ in range(20):
         ctl.on_throttle(0)
@@ -115,7 +115,7 @@ def test_pause_without_retry_after_lasts_one_period_and_is_capped() -> None:
 
 def test_recovery_is_linear_in_unpaused_time() -> None:
     clock = ManualClock()
-    ctl = RateController(20, 1.0, clock)
+    ctl = RateController(20, 1.0, clock, beta=0.5, recovery=0.1)
     ctl.on_throttle(30)  # halved to 10, paused 30 s
     clock.advance(30)
     assert ctl.on_success() is None  # the pause earned nothing
@@ -135,7 +135,7 @@ def test_recovery_is_linear_in_unpaused_time() -> None:
 
 def test_a_pause_extended_without_a_decrease_earns_no_recovery() -> None:
     clock = ManualClock()
-    ctl = RateController(20, 1.0, clock)
+    ctl = RateController(20, 1.0, clock, beta=0.5, recovery=0.1)
     ctl.on_throttle(None)  # halved, paused 1 s
     clock.advance(0.5)
     assert ctl.on_throttle(30).decreased is None  # same burst: no second halving, but a longer pause
@@ -187,7 +187,7 @@ async def test_a_429_with_retry_after_pauses_every_slot() -> None:
         limiter.record(429, "0.3")
     assert 0.25 < limiter.paused_for() <= 0.3
     assert limiter.throttle_signals == 1
-    assert limiter.effective_rate == 500
+    assert limiter.effective_rate == pytest.approx(1000 * BETA)
     await asyncio.gather(*(call() for _ in range(6)))
     assert len(starts) == 6
     assert min(starts) >= signalled + 0.3
@@ -195,7 +195,7 @@ async def test_a_429_with_retry_after_pauses_every_slot() -> None:
     events = [entry["event"] for entry in logs]
     assert events == ["limiter.paused", "limiter.rate_decreased"]
     assert logs[1]["old_rate"] == 1000
-    assert logs[1]["new_rate"] == 500
+    assert logs[1]["new_rate"] == pytest.approx(1000 * BETA)
 
 
 def test_only_throttle_signals_slow_down() -> None:
@@ -205,7 +205,7 @@ def test_only_throttle_signals_slow_down() -> None:
     assert (limiter.throttle_signals, limiter.effective_rate, limiter.paused_for()) == (0, 10, 0)
     limiter.record(503, "1")
     assert limiter.throttle_signals == 1
-    assert limiter.effective_rate == 5
+    assert limiter.effective_rate == pytest.approx(10 * BETA)
     assert limiter.paused_for() > 0
 
 
@@ -289,9 +289,9 @@ async def test_a_call_waiting_for_a_slot_holds_no_rate_token() -> None:
 
 
 async def test_a_fractional_rate_spaces_the_starts() -> None:
-    limiter = Limiter(LimitSettings(rate=3, period=0.1, concurrency=10))
-    limiter.record(429, "0")  # 1.5 per 0.1 s: one start per 0.0667 s
-    assert limiter.effective_rate == 1.5
+    limiter = Limiter(LimitSettings(rate=2, period=0.1, concurrency=10))
+    limiter.record(429, "0")  # 1.4 per 0.1 s: one start per 0.071 s
+    assert limiter.effective_rate == pytest.approx(2 * BETA)
     starts: list[float] = []
 
     async def call() -> None:
@@ -300,7 +300,7 @@ async def test_a_fractional_rate_spaces_the_starts() -> None:
 
     await asyncio.gather(*(call() for _ in range(4)))
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert all(gap >= 0.1 / 1.5 - 0.005 for gap in gaps)
+    assert all(gap >= 0.1 / (2 * BETA) - 0.005 for gap in gaps)
     assert starts[-1] - starts[0] < 0.35
 
 
@@ -308,15 +308,15 @@ def test_recovery_is_logged_at_most_once_a_second_and_at_the_max() -> None:
     clock = ManualClock()
     limiter = Limiter(LimitSettings(rate=20, period=1.0, concurrency=4), clock)
     limiter.record(429, "0")
-    assert limiter.effective_rate == 10
+    assert limiter.effective_rate == pytest.approx(14)  # 20 x 0.7
     with capture_logs() as logs:
-        for _ in range(60):  # 6 s of successes, ten a second
+        for _ in range(60):  # 6 s of successes, ten a second (back to 20 after 1.5 s at +4/s)
             clock.advance(0.1)
             limiter.record(200, None)
     assert limiter.effective_rate == 20
     recovered = [entry for entry in logs if entry["event"] == "limiter.rate_recovered"]
-    # Logged at 0.1 s, then once a second, then on reaching 20 at 5.0 s; nothing once at the max.
-    assert 5 <= len(recovered) <= 7
-    assert recovered[0]["old_rate"] == 10
+    # Logged at 0.1 s, then once a second, then on reaching 20 at 1.5 s; nothing once at the max.
+    assert len(recovered) == 3
+    assert recovered[0]["old_rate"] == pytest.approx(14)
     assert recovered[-1]["new_rate"] == 20
     assert all(a["new_rate"] == b["old_rate"] for a, b in itertools.pairwise(recovered))
