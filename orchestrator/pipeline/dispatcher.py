@@ -227,6 +227,7 @@ class Dispatcher:
             next_at = now + timedelta(seconds=decision.delay)
             ambiguous = decision.ambiguous or claim.needs_lookup
             if await self._store.mark_retry(claim, error, next_at, ambiguous=ambiguous, now=now):
+                self._wake.set()  # the claim loop may be sleeping past this retry's due time
                 log.warning(
                     "retry.scheduled",
                     error=error,

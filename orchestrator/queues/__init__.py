@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from orchestrator.queues.base import Delivery, Queue
+from orchestrator.settings import ConfigError
 
 # Adapters that are planned but not written yet, by scheme.
 _PLANNED = {
@@ -18,7 +19,7 @@ _PLANNED = {
 def open_queue(url: str, name: str) -> Queue:
     """The adapter for `url` (ORCH_QUEUE__URL), not yet connected: call `await queue.open()`.
 
-    Raises ValueError, naming the setting, for a scheme without an adapter.
+    Raises ConfigError, naming the setting, for a scheme without an adapter.
     """
     scheme = url.split(":", 1)[0].split("+", 1)[0].lower()
     if scheme == "sqlite":
@@ -27,8 +28,8 @@ def open_queue(url: str, name: str) -> Queue:
 
         return SqliteQueue(url, name)
     if scheme in _PLANNED:
-        raise ValueError(f"ORCH_QUEUE__URL: the {_PLANNED[scheme]} queue adapter is not available yet")
-    raise ValueError("ORCH_QUEUE__URL: must start with sqlite:///, amqp://, redis:// or nats://")
+        raise ConfigError([f"ORCH_QUEUE__URL: the {_PLANNED[scheme]} queue adapter is not available yet"])
+    raise ConfigError(["ORCH_QUEUE__URL: must start with sqlite:///, amqp://, redis:// or nats://"])
 
 
 __all__ = ["Delivery", "Queue", "open_queue"]

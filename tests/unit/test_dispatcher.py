@@ -92,13 +92,22 @@ class Running:
         return len(await self.store.history(request_id)) >= length
 
     async def until_due(self, request_id: str = "r1") -> None:
-        """Move the clock to the request's next attempt, and at least one poll interval on: a retry
-        recorded while the dispatcher slept is noticed at its next poll."""
+        """Move the clock to the request's next attempt, then on a poll interval at a time until the
+        dispatcher has claimed it: time may move before the dispatcher has gone to sleep, and a
+        sleep begun after that waits for the clock to move again."""
         record = await self.store.get(request_id)
         assert record is not None
         assert record.next_attempt_at is not None
-        delay = (record.next_attempt_at - self.clock.now()).total_seconds()
-        self.clock.advance(max(delay, POLL_INTERVAL) + 0.001)
+        attempts = record.attempts
+        self.clock.advance(max(0.0, (record.next_attempt_at - self.clock.now()).total_seconds()) + 0.001)
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            record = await self.store.get(request_id)
+            assert record is not None
+            if record.attempts > attempts or record.state.final:
+                return
+            self.clock.advance(POLL_INTERVAL)
+        raise AssertionError(f"{request_id} was not claimed again")
 
 
 async def add(store: SqlBatchStore, clock: ManualClock, *request_ids: str, **fields: object) -> None:

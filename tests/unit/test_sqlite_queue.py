@@ -17,6 +17,7 @@ from orchestrator.clock import ManualClock
 from orchestrator.queues import open_queue
 from orchestrator.queues.base import Delivery, Queue
 from orchestrator.queues.sqlite import SqliteQueue
+from orchestrator.settings import ConfigError
 
 MakeQueue = Callable[..., Awaitable[SqliteQueue]]
 
@@ -385,7 +386,7 @@ async def test_open_queue_chooses_by_scheme(tmp_path: Path) -> None:
         ("redis://localhost:6379/0", "Redis"),
         ("nats://localhost:4222", "NATS"),
     ]:
-        with pytest.raises(ValueError, match=f"ORCH_QUEUE__URL: the {broker} .*not available yet"):
+        with pytest.raises(ConfigError, match=f"ORCH_QUEUE__URL: the {broker} .*not available yet"):
             open_queue(url, "q")
-    with pytest.raises(ValueError, match="ORCH_QUEUE__URL"):
+    with pytest.raises(ConfigError, match="ORCH_QUEUE__URL"):
         open_queue("ftp://example.com/q", "q")
