@@ -142,14 +142,18 @@ class Dispatcher:
                 await sleep_until_set(self._clock, min(self._poll_interval * 4, 2.0), stop)
                 continue
             now = self._clock.now()
-            claims = await self._store.claim(self._owner, limit, self._lease_seconds, now)
-            if claims:
-                return claims
             self._wake.clear()
+            # A read first: an idle service then costs a cheap query per poll, not a write
+            # transaction (a claim takes SQLite's write lock and PostgreSQL's row locks).
             due = await self._store.next_due()
             wait = self._poll_interval
-            if due is not None:
-                wait = min(wait, max(0.0, (due - now).total_seconds()))
+            if due is not None and due <= now:
+                claims = await self._store.claim(self._owner, limit, self._lease_seconds, now)
+                if claims:
+                    return claims
+                # Due, yet nothing to claim: another dispatcher got there first. Poll, don't spin.
+            elif due is not None:
+                wait = min(wait, (due - now).total_seconds())
             await sleep_until_set(self._clock, wait, stop, self._wake)
         return []
 
@@ -215,6 +219,7 @@ class Dispatcher:
         if decision.kind == "release":
             self.stats.released += 1
             await self._store.release(claim, now)
+            self._wake.set()  # due again at once: the claim loop checks the credentials first
             log.warning("batch.released", reason=decision.reason)
         elif decision.kind == "fail":
             if (decision.ambiguous or claim.needs_lookup) and await self._adopt_before_failing(claim):

@@ -119,7 +119,8 @@ class SqliteQueue:
         name: str = "aep.batch-requests",
         *,
         lease_seconds: float = 60.0,
-        poll_interval: float = 0.1,
+        # A new message waits at most this long to be read; an idle service pays a query per poll.
+        poll_interval: float = 0.2,
         clock: Clock | None = None,
     ) -> None:
         if not url.lower().startswith("sqlite"):
