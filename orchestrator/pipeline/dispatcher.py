@@ -63,6 +63,7 @@ class Dispatcher:
         self._tasks: dict[asyncio.Task[None], Claim] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._credentials_problem: str | None = None
+        self._busy = True  # whether the last claim found work (see `_next_claims`)
         self.stats = DispatchStats()
 
     @property
@@ -143,16 +144,22 @@ class Dispatcher:
                 continue
             now = self._clock.now()
             self._wake.clear()
-            # A read first: an idle service then costs a cheap query per poll, not a write
-            # transaction (a claim takes SQLite's write lock and PostgreSQL's row locks).
-            due = await self._store.next_due()
             wait = self._poll_interval
-            if due is not None and due <= now:
+            if self._busy:
+                # Work was there last time: claim straight away.
                 claims = await self._store.claim(self._owner, limit, self._lease_seconds, now)
                 if claims:
                     return claims
-                # Due, yet nothing to claim: another dispatcher got there first. Poll, don't spin.
-            elif due is not None:
+                self._busy = False
+                due = await self._store.next_due()
+            else:
+                # Idle: a read first, so that waiting costs a cheap query per poll rather than a
+                # write transaction (a claim takes SQLite's write lock, PostgreSQL's row locks).
+                due = await self._store.next_due()
+                if due is not None and due <= now:
+                    self._busy = True
+                    continue
+            if due is not None and due > now:
                 wait = min(wait, (due - now).total_seconds())
             await sleep_until_set(self._clock, wait, stop, self._wake)
         return []
