@@ -9,11 +9,15 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr
 
 from orchestrator.aep.api import Batch
 from orchestrator.aep.errors import AuthError
 from orchestrator.messages import BatchRequest
 from orchestrator.queues.base import Delivery
+from orchestrator.settings import AepSettings
 from orchestrator.store.sql import SqlBatchStore
 
 
@@ -222,3 +226,20 @@ class FakeApi:
             return await outcome()
         finally:
             self.in_flight -= 1
+
+
+IMS_URL = "https://ims.test/ims/token/v3"
+SECRET = "s3cr3t-client-VALUE-42"
+
+
+def aep_settings(**overrides: Any) -> AepSettings:
+    """Settings for a fake org at made-up hosts (aioresponses answers them); `overrides` win."""
+    values: dict[str, Any] = {
+        "base_url": "https://platform.test",
+        "ims_url": "https://ims.test",
+        "client_id": "cid-123",
+        "client_secret": SecretStr(SECRET),
+        "org_id": "ORG@AdobeOrg",
+    }
+    values.update(overrides)
+    return AepSettings(**values)

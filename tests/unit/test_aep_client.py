@@ -16,7 +16,6 @@ import pytest
 import structlog
 from aiohttp.client_reqrep import ConnectionKey
 from aioresponses import CallbackResult, aioresponses
-from pydantic import SecretStr
 from yarl import URL
 
 from orchestrator import logs
@@ -27,28 +26,17 @@ from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError,
 from orchestrator.clock import ManualClock
 from orchestrator.messages import BatchRequest
 from orchestrator.settings import AepSettings
+from tests.unit.fakes import IMS_URL, aep_settings
 
 CREATE_URL = "https://platform.test/data/foundation/import/batches"
 CATALOG_URL = "https://platform.test/data/foundation/catalog/batches"
 LOOKUP = re.compile(r"^https://platform\.test/data/foundation/catalog/batches\?.*$")
-IMS_URL = "https://ims.test/ims/token/v3"
-SECRET = "s3cr3t-client-VALUE-42"
 DATASET = "5c8c3c555033b814b69f947f"
 BATCH_ID = "5d01230fc78a4e4f8c0c6b387b4b8d1c"
 
 
 def settings(**overrides: Any) -> AepSettings:
-    values: dict[str, Any] = {
-        "base_url": "https://platform.test",
-        "ims_url": "https://ims.test",
-        "client_id": "cid-123",
-        "client_secret": SecretStr(SECRET),
-        "org_id": "ORG@AdobeOrg",
-        "sandbox": "dev-1",
-        "timeout": 30.0,
-    }
-    values.update(overrides)
-    return AepSettings(**values)
+    return aep_settings(**{"sandbox": "dev-1", "timeout": 30.0, **overrides})
 
 
 class FakeTokens:

@@ -28,24 +28,15 @@ from orchestrator.aep.auth import (
 from orchestrator.aep.errors import AuthError
 from orchestrator.clock import ManualClock
 from orchestrator.settings import AepSettings
+from tests.unit.fakes import IMS_URL, SECRET, aep_settings
 
-IMS_URL = "https://ims.test/ims/token/v3"
-SECRET = "s3cr3t-client-VALUE-42"
 TOKEN = "eyJ-token-one-SENSITIVE"
 
 
 def settings(**overrides: Any) -> AepSettings:
-    values: dict[str, Any] = {
-        "base_url": "https://platform.test",
-        "ims_url": "https://ims.test",
-        "client_id": "cid-123",
-        "client_secret": SecretStr(SECRET),
-        "org_id": "ORG@AdobeOrg",
-        "scopes": ("openid", "AdobeID", "read_organizations"),
-        "timeout": 7.0,
-    }
-    values.update(overrides)
-    return AepSettings(**values)
+    return aep_settings(
+        **{"scopes": ("openid", "AdobeID", "read_organizations"), "timeout": 7.0, **overrides}
+    )
 
 
 class TopRng(random.Random):
