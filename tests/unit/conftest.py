@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -9,9 +11,11 @@ from unittest.mock import Mock
 
 import aiohttp
 import pytest
+import structlog
 from aioresponses import aioresponses
 from yarl import URL
 
+from orchestrator import logs
 from orchestrator.clock import ManualClock
 from orchestrator.store.sql import SqlBatchStore
 from tests.unit.fakes import open_store
@@ -50,3 +54,16 @@ async def store(tmp_path: Path) -> AsyncIterator[SqlBatchStore]:
 @pytest.fixture
 def clock() -> ManualClock:
     return ManualClock()
+
+
+@pytest.fixture
+def log_output() -> Iterator[io.StringIO]:
+    """Everything the service would log, rendered as in production, at debug level."""
+    buffer = io.StringIO()
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    logs.configure("json", "debug", stream=buffer)
+    yield buffer
+    root.handlers[:], level = saved
+    root.setLevel(level)
+    structlog.reset_defaults()

@@ -6,19 +6,16 @@ import asyncio
 import contextlib
 import io
 import json
-import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp.client_reqrep import ConnectionKey
 from aioresponses import CallbackResult, aioresponses
 from yarl import URL
 
-from orchestrator import logs
 from orchestrator.aep.api import Batch, BatchApi
 from orchestrator.aep.auth import ImsTokenProvider
 from orchestrator.aep.client import AepClient, error_fields
@@ -97,18 +94,6 @@ def gate() -> FakeGate:
 @pytest.fixture
 def client(session: aiohttp.ClientSession, tokens: FakeTokens, gate: FakeGate) -> AepClient:
     return AepClient(settings(), session, tokens, gate=gate)
-
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    buffer = io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    logs.configure("json", "debug", stream=buffer)
-    yield buffer
-    root.handlers[:], level = saved
-    root.setLevel(level)
-    structlog.reset_defaults()
 
 
 def created(batch_id: str = BATCH_ID, **extra: Any) -> dict[str, Any]:

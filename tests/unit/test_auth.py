@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import random
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 from aioresponses import CallbackResult, aioresponses
 from pydantic import SecretStr
 from yarl import URL
 
-from orchestrator import logs
 from orchestrator.aep.auth import (
     ImsTokenProvider,
     StaticToken,
@@ -54,19 +50,6 @@ def clock() -> ManualClock:
 @pytest.fixture
 def provider(session: aiohttp.ClientSession, clock: ManualClock) -> ImsTokenProvider:
     return ImsTokenProvider(settings(), session, clock, TopRng())
-
-
-@pytest.fixture
-def log_output() -> Iterator[io.StringIO]:
-    """Everything the service would log, rendered as in production, at debug level."""
-    buffer = io.StringIO()
-    root = logging.getLogger()
-    saved = root.handlers[:], root.level
-    logs.configure("json", "debug", stream=buffer)
-    yield buffer
-    root.handlers[:], level = saved
-    root.setLevel(level)
-    structlog.reset_defaults()
 
 
 def ims_calls(mock: aioresponses) -> int:
