@@ -65,6 +65,8 @@ class AepSettings(Section):
     access_token: SecretStr | None = None
     timeout: PositiveFloat = 30.0
     input_format: Literal["json", "parquet", "csv"] = "json"
+    # `run --until-idle` gives up (exit 1) after this many seconds of refused credentials.
+    credentials_wait: PositiveFloat = 300.0
 
     @field_validator("scopes", mode="before")
     @classmethod
