@@ -8,6 +8,9 @@ from typing import Protocol
 
 from orchestrator.messages import BatchRequest
 
+# Statuses of a batch that is gone for ingestion (reference §3.4): never adopted, never kept.
+DEAD_STATUSES = frozenset({"aborted", "abandoned", "failed", "failure", "inactive", "deleted"})
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -19,6 +22,11 @@ class Batch:
     dataset_id: str | None = None
     created: int | None = None
 
+    @property
+    def live(self) -> bool:
+        """Still a batch the request can use: `loading` and every status on the way to `success`."""
+        return self.status.lower() not in DEAD_STATUSES
+
 
 class BatchApi(Protocol):
     async def ensure_token(self) -> None:
@@ -28,7 +36,10 @@ class BatchApi(Protocol):
         """`POST /data/foundation/import/batches` with the request's externalId. Not idempotent."""
 
     async def find_batches(self, external_id: str) -> list[Batch]:
-        """`GET /data/foundation/catalog/batches?externalId=…`, oldest first."""
+        """`GET /data/foundation/catalog/batches?externalId=…`, every page, oldest first."""
+
+    async def abort_batch(self, batch_id: str) -> None:
+        """`POST /data/foundation/import/batches/{id}?action=ABORT` (safe to repeat)."""
 
     async def get_batch(self, batch_id: str) -> Batch:
         """`GET /data/foundation/catalog/batches/{id}`."""

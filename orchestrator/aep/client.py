@@ -20,7 +20,7 @@ from yarl import URL
 
 from orchestrator import logs
 from orchestrator.aep.api import Batch, CallGate
-from orchestrator.aep.auth import TokenProvider
+from orchestrator.aep.auth import TokenProvider, TokenRefused
 from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError
 from orchestrator.messages import BatchRequest
 from orchestrator.settings import AepSettings
@@ -37,6 +37,8 @@ EXTERNAL_ID = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 MAX_DETAIL = 300
 # The catalog's page limit (reference §3.5); a request has one batch, a few after lost answers.
 LOOKUP_LIMIT = 100
+# Pages a look-up reads at most: far more batches under one externalId than any retry history makes.
+LOOKUP_MAX_PAGES = 20
 
 
 @dataclass(frozen=True)
@@ -109,8 +111,25 @@ class AepClient:
     async def find_batches(self, external_id: str) -> list[Batch]:
         if not EXTERNAL_ID.fullmatch(external_id):
             raise ValueError("external id must be 1 to 256 characters without control characters")
+        batches: list[Batch] = []
+        for page in range(LOOKUP_MAX_PAGES):
+            listed, kept = await self._lookup_page(external_id, page * LOOKUP_LIMIT)
+            batches.extend(kept)
+            if listed < LOOKUP_LIMIT:
+                break
+        # Oldest first, so every replica adopts the same one; undated ones last, ids break ties.
+        batches.sort(key=lambda b: (b.created is None, b.created or 0, b.id))
+        return batches
+
+    async def _lookup_page(self, external_id: str, start: int) -> tuple[int, list[Batch]]:
+        """One catalog page: how many entries it listed, and those that carry `external_id`."""
         endpoint = "catalog.lookup"
-        params = {"externalId": external_id, "orderBy": "asc:created", "limit": str(LOOKUP_LIMIT)}
+        params = {
+            "externalId": external_id,
+            "orderBy": "asc:created",
+            "limit": str(LOOKUP_LIMIT),
+            "start": str(start),
+        }
         reply = await self._call(endpoint, "GET", self._catalog_url, params=params)
         if reply.status != 200:
             raise _http_error(endpoint, reply)
@@ -131,11 +150,28 @@ class AepClient:
             if batch is not None and batch.external_id == external_id:
                 batches.append(batch)
         skipped = len(data) - len(batches)
+        if skipped and not batches:
+            # A page of nothing but strangers says nothing about whether our batch exists (the
+            # filter was ignored, or the answer is not what it seems): not "none found", which
+            # would lead to a second create, but an error the caller retries.
+            raise AepHttpError(
+                f"{endpoint} answered HTTP 200 with {skipped} batches, none with the externalId asked for",
+                endpoint=endpoint,
+                status=reply.status,
+                detail="the catalog did not apply the externalId filter",
+            )
         if skipped:
             log.warning("aep.lookup_skipped", endpoint=endpoint, skipped=skipped, kept=len(batches))
-        # Oldest first, so every replica adopts the same one; undated ones last, ids break ties.
-        batches.sort(key=lambda b: (b.created is None, b.created or 0, b.id))
-        return batches
+        return len(data), batches
+
+    async def abort_batch(self, batch_id: str) -> None:
+        if not BATCH_ID.fullmatch(batch_id):
+            raise ValueError("batch id must be 1 to 128 letters, digits, '-' or '_'")
+        endpoint = "batches.abort"
+        reply = await self._call(endpoint, "POST", self._create_url / batch_id, params={"action": "ABORT"})
+        # AEP answers 200 with an empty body; aborting an aborted batch is a success too.
+        if reply.status not in (200, 204):
+            raise _http_error(endpoint, reply)
 
     async def get_batch(self, batch_id: str) -> Batch:
         if not BATCH_ID.fullmatch(batch_id):
@@ -172,9 +208,19 @@ class AepClient:
     ) -> _Reply:
         """One platform call with the current token; on a 401, one replay with a fresh one."""
         reply, token = await self._send(endpoint, method, url, params, body)
-        # A fixed token cannot be refreshed, so replaying would just earn the same 401.
-        if reply.status == 401 and not self._tokens.fixed:
+        if reply.status == 401:
             await self._tokens.refresh(token)
+            if self._tokens.fixed:
+                # No fresh token to replay with: the credentials are at fault, not the request,
+                # which then waits for them (the provider now holds calls back) instead of failing.
+                code, detail = error_fields(reply.text)
+                raise TokenRefused(
+                    f"{endpoint} answered HTTP 401 to ORCH_AEP__ACCESS_TOKEN",
+                    endpoint=endpoint,
+                    error_code=code,
+                    detail=detail,
+                    retry_after=reply.retry_after,
+                )
             reply, _ = await self._send(endpoint, method, url, params, body)
         return reply
 

@@ -453,8 +453,15 @@ class Simulator:
 
     # The simulator's own endpoints.
 
+    def live_duplicates(self) -> dict[str, int]:
+        """The externalIds with more than one live batch (not aborted, failed, ...): a request that
+        holds two batches AEP may ingest."""
+        return {key: n for key, n in self.catalog.live_per_external_id().items() if n > 1}
+
     async def _stats(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(self.stats.as_dict())
+        return web.json_response(
+            {**self.stats.as_dict(), "live_duplicate_external_ids": self.live_duplicates()}
+        )
 
     async def _reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()

@@ -11,6 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from orchestrator import logs
+from orchestrator.aep.api import DEAD_STATUSES
 from orchestrator.clock import Clock
 
 log = logs.get("simulator")
@@ -141,6 +142,14 @@ class Catalog:
     def get(self, batch_id: str) -> dict[str, Any] | None:
         stored = self._batches.get(batch_id)
         return stored.batch if stored is not None else None
+
+    def live_per_external_id(self) -> dict[str, int]:
+        """How many batches not aborted, failed or otherwise gone each externalId has: what "exactly
+        one live batch per request" is judged by."""
+        counts: dict[str, int] = {}
+        for external_id, stored in self._by_external_id.items():
+            counts[external_id] = sum(1 for item in stored if item.batch["status"] not in DEAD_STATUSES)
+        return counts
 
     def _now_ms(self) -> int:
         return int(self._clock.now().timestamp() * 1000)

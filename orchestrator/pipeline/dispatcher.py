@@ -3,15 +3,22 @@
 Claim before call: a request is leased (attempts + 1) in the store before its call starts, and its
 outcome is written fenced by that lease. A request whose earlier outcome is unknown (a timeout, a
 dropped connection, a 5xx, a crash mid-call) is looked up by its externalId before any new create,
-and a batch found there is adopted: that is what keeps one batch per request over an API that
+and a live batch found there is adopted: that is what keeps one batch per request over an API that
 creates a new batch on every POST.
+
+AEP's catalog lists a new batch only some time after it was made, so one look-up that finds nothing
+proves nothing. An ambiguous outcome therefore opens a settle window (ORCH_AEP__CATALOG_SETTLE, kept
+in the store with the request): inside it the request is only looked up, again and again, and a new
+create is made only once a look-up after the window still finds nothing. A request created after an
+ambiguous history is looked up once more after the window (reconciliation), and any extra batch a
+lost answer made is aborted, so AEP holds exactly one live batch per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -19,10 +26,18 @@ from orchestrator import logs
 from orchestrator.aep.api import Batch, BatchApi
 from orchestrator.aep.errors import AepError, AuthError
 from orchestrator.clock import Clock, sleep_until_set
-from orchestrator.pipeline.retry import RetryPolicy
-from orchestrator.store.base import BatchStore, Claim
+from orchestrator.pipeline.retry import RetryPolicy, full_jitter
+from orchestrator.store.base import BatchStore, Claim, State
 
 log = logs.get("dispatcher")
+
+# How often a busy dispatcher also asks the store for due reconciliations (seconds): an idle one
+# learns of them from `next_due`, a busy one would otherwise only get to them once the work runs out.
+RECONCILE_CHECK = 2.0
+# Look-ups a request with spent attempts may still fail before it is failed for good.
+FINAL_LOOKUP_TRIES = 5
+# A batch that can still be aborted: only one still being loaded (reference §3.4).
+ABORTABLE = "loading"
 
 
 @dataclass
@@ -32,6 +47,7 @@ class DispatchStats:
     failed: int = 0
     retries: int = 0
     released: int = 0
+    duplicates_aborted: int = 0
 
 
 class Dispatcher:
@@ -46,6 +62,7 @@ class Dispatcher:
         concurrency: int,
         lease_seconds: float,
         default_format: str,
+        catalog_settle: float = 0.0,
         poll_interval: float = 0.5,
         wake: asyncio.Event | None = None,
     ) -> None:
@@ -57,13 +74,17 @@ class Dispatcher:
         self._concurrency = concurrency
         self._slot_freed = asyncio.Event()
         self._lease_seconds = lease_seconds
+        self._settle = timedelta(seconds=catalog_settle)
         self._default_format = default_format
         self._poll_interval = poll_interval
         self._wake = wake or asyncio.Event()
         self._tasks: dict[asyncio.Task[None], Claim] = {}
+        # When each held lease runs out, as far as this process knows (claim or last renewal).
+        self._lease_until: dict[asyncio.Task[None], datetime] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._credentials_problem: str | None = None
         self._busy = True  # whether the last claim found work (see `_next_claims`)
+        self._reconcile_check_at = clock.now()
         self.stats = DispatchStats()
 
     @property
@@ -78,24 +99,37 @@ class Dispatcher:
         """Dispatch until `stop` is set; then return, leaving calls in flight to `drain`.
 
         Every free call slot is filled from one claim (one store transaction for many requests):
-        a transaction per request would cap the rate at what the disk commits per second."""
+        a transaction per request would cap the rate at what the disk commits per second. The
+        lease renewer runs beside the loop; should it ever end, this raises its error, so the
+        service stops rather than run on with leases nobody renews."""
         self._renewer = self._renewer or asyncio.create_task(self._renew_leases(), name="lease-renewer")
         # Refill in chunks: a claim per finished request would cost a store transaction each.
         refill_at = max(1, self._concurrency // 4)
         while not stop.is_set():
+            self._check_renewer()
             free = self._concurrency - len(self._tasks)
             if free < refill_at:
                 # Woken by a finished call, or by `stop` even while every call hangs to its timeout.
                 self._slot_freed.clear()
                 await sleep_until_set(self._clock, self._poll_interval, stop, self._slot_freed)
                 continue
+            now = self._clock.now()
             for claim in await self._next_claims(stop, free):
                 task = asyncio.create_task(self._handle(claim))
                 self._tasks[task] = claim
+                self._lease_until[task] = now + timedelta(seconds=self._lease_seconds)
                 task.add_done_callback(self._finished)
+
+    def _check_renewer(self) -> None:
+        renewer = self._renewer
+        if renewer is not None and renewer.done():
+            self._renewer = None
+            error = None if renewer.cancelled() else renewer.exception()
+            raise RuntimeError("the lease renewer stopped") from error
 
     def _finished(self, task: asyncio.Task[None]) -> None:
         self._tasks.pop(task, None)
+        self._lease_until.pop(task, None)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatcher.task_crashed", exc_info=task.exception())
@@ -103,19 +137,40 @@ class Dispatcher:
     async def _renew_leases(self) -> None:
         """Keep the leases of requests in flight alive. A call can wait in the limiter through
         several throttling pauses; were its lease to run out meanwhile, another dispatcher could
-        claim the request and both would create a batch. A call whose lease was lost anyway (this
-        process stalled past it) is cancelled before it can create a second batch."""
+        claim the request and both would create a batch.
+
+        A store error is logged and the renewal tried again at the next beat. A call whose lease
+        would run out before that beat is abandoned (cancelled, its outcome recorded as unknown if
+        the store takes it) rather than left to race whoever claims the request next; a call whose
+        lease is already gone (this process stalled past it) is cancelled the same way."""
         interval = self._lease_seconds / 3
         while True:
             await self._clock.sleep(interval)
             held = dict(self._tasks)
             if not held:
                 continue
-            renewed = await self._store.renew(list(held.values()), self._lease_seconds, self._clock.now())
+            now = self._clock.now()
+            try:
+                renewed = await self._store.renew(list(held.values()), self._lease_seconds, now)
+            except Exception as exc:  # noqa: BLE001 - the renewer must outlive a store error
+                log.error("dispatcher.lease_renewal_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                self._abandon(held, now + timedelta(seconds=interval))
+                continue
+            until = now + timedelta(seconds=self._lease_seconds)
             for task, claim in held.items():
-                if claim.record.request_id not in renewed and not task.done():
+                if claim.record.request_id in renewed:
+                    if task in self._lease_until:
+                        self._lease_until[task] = until
+                elif not task.done():
                     log.error("dispatcher.lease_lost", request_id=claim.record.request_id)
                     task.cancel()
+
+    def _abandon(self, held: dict[asyncio.Task[None], Claim], next_try: datetime) -> None:
+        for task, claim in held.items():
+            expires = self._lease_until.get(task)
+            if expires is not None and expires <= next_try and not task.done():
+                log.error("dispatcher.lease_abandoned", request_id=claim.record.request_id)
+                task.cancel()
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish within `grace` seconds; cancel the rest. A cancelled call's
@@ -147,7 +202,7 @@ class Dispatcher:
             wait = self._poll_interval
             if self._busy:
                 # Work was there last time: claim straight away.
-                claims = await self._store.claim(self._owner, limit, self._lease_seconds, now)
+                claims = await self._claim(limit, now)
                 if claims:
                     return claims
                 self._busy = False
@@ -158,11 +213,22 @@ class Dispatcher:
                 due = await self._store.next_due()
                 if due is not None and due <= now:
                     self._busy = True
+                    self._reconcile_check_at = now
                     continue
             if due is not None and due > now:
                 wait = min(wait, (due - now).total_seconds())
             await sleep_until_set(self._clock, wait, stop, self._wake)
         return []
+
+    async def _claim(self, limit: int, now: datetime) -> list[Claim]:
+        claims = await self._store.claim(self._owner, limit, self._lease_seconds, now)
+        room = limit - len(claims)
+        if room > 0 and now >= self._reconcile_check_at:
+            more = await self._store.claim_reconciliations(self._owner, room, self._lease_seconds, now)
+            if len(more) < room:
+                self._reconcile_check_at = now + timedelta(seconds=RECONCILE_CHECK)
+            claims += more
+        return claims
 
     async def _credentials_ok(self) -> bool:
         """No request is claimed while there is no token: a credential problem fails nothing."""
@@ -183,28 +249,75 @@ class Dispatcher:
         with structlog.contextvars.bound_contextvars(
             request_id=record.request_id, dataset_id=record.dataset_id, attempt=claim.attempt
         ):
+            if record.state is State.CREATED:
+                await self._reconcile(claim)
+                return
+            settle_until = record.settle_until
+            if claim.taken_over:
+                # The last holder died or stalled, perhaps mid-create: its batch may surface later.
+                settle_until = _later(settle_until, self._clock.now() + self._settle)
+                log.warning("dispatcher.lease_taken_over")
             creating = False
             try:
-                if claim.needs_lookup:
-                    found = await self._api.find_batches(record.request().external_id)
-                    if found:
-                        await self._created(claim, found, adopted=True)
-                        return
-                    log.info("batch.lookup_empty")
+                looking = claim.needs_lookup or record.lookup_only
+                if looking and await self._look_up(claim, settle_until):
+                    return
                 creating = True
                 batch = await self._api.create_batch(record.request(), self._default_format)
                 await self._created(claim, [batch], adopted=False)
             except asyncio.CancelledError:
                 # Shutdown ran out of grace mid-call: if the create was sent, it may have happened.
-                await asyncio.shield(self._cancelled(claim, creating))
+                await asyncio.shield(self._cancelled(claim, creating, settle_until))
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                await asyncio.shield(self._failed(claim, exc, creating))
+                await asyncio.shield(self._failed(claim, exc, creating, settle_until))
+
+    async def _look_up(self, claim: Claim, settle_until: datetime | None) -> bool:
+        """Look the request's batch up before creating; True when that settled the attempt (a batch
+        adopted, a look-up to repeat, or the request failed), False to go on and create."""
+        record = claim.record
+        found = await self._api.find_batches(record.request().external_id)
+        live = [batch for batch in found if batch.live]
+        if live:
+            await self._created(claim, live, adopted=True)
+            return True
+        if found:
+            log.warning("batch.lookup_found_dead", statuses=sorted({batch.status for batch in found}))
+        now = self._clock.now()
+        if settle_until is not None and now < settle_until:
+            # Not listed yet proves nothing inside the window: look again, spacing look-ups out as
+            # the window ages (1 s, 2 s, 4 s, ... and once more at its end).
+            elapsed = (now - (settle_until - self._settle)).total_seconds()
+            wait = min(max(1.0, elapsed), (settle_until - now).total_seconds())
+            again = now + timedelta(seconds=wait)
+            await self._store.release(claim, now, until=again, settle_until=settle_until)
+            log.info("batch.lookup_empty", settling=True, next_lookup_in=round(wait, 3))
+            return True
+        if record.lookup_only:
+            # Attempts spent and the window passed with no batch listed: none was made.
+            self.stats.failed += 1
+            error = record.last_error or "gave up: attempts spent and no batch found"
+            if await self._store.mark_failed(claim, error, now, count_attempt=False):
+                log.error("batch.failed", error=error)
+            return True
+        log.info("batch.lookup_empty", settling=False)
+        return False
 
     async def _created(self, claim: Claim, batches: list[Batch], *, adopted: bool) -> None:
-        batch = batches[0]
+        batch = batches[0]  # oldest first: every replica adopts the same one
+        now = self._clock.now()
+        # A request that was ever unsure may have a second batch the catalog did not list yet.
+        reconcile_at = now + self._settle if claim.needs_lookup else None
         kept = await asyncio.shield(
-            self._store.mark_created(claim, batch.id, batch.status, self._clock.now(), adopted=adopted)
+            self._store.mark_created(
+                claim,
+                batch.id,
+                batch.status,
+                now,
+                adopted=adopted,
+                reconcile_at=reconcile_at,
+                count_attempt=not claim.record.lookup_only,
+            )
         )
         self._policy.succeeded(claim.attempt)
         if not kept:
@@ -217,28 +330,43 @@ class Dispatcher:
             self.stats.created += 1
             log.info("batch.created", batch_id=batch.id, batch_status=batch.status)
 
-    async def _failed(self, claim: Claim, exc: Exception, creating: bool) -> None:
+    async def _failed(
+        self, claim: Claim, exc: Exception, creating: bool, settle_until: datetime | None
+    ) -> None:
+        try:
+            await self._record_failure(claim, exc, creating, settle_until)
+        except Exception as error:  # noqa: BLE001 - the lease then expires and a take-over looks up
+            log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
+
+    async def _record_failure(
+        self, claim: Claim, exc: Exception, creating: bool, settle_until: datetime | None
+    ) -> None:
         now = self._clock.now()
         if not isinstance(exc, AepError):
             log.error("dispatcher.unexpected_error", exc_info=exc)
         decision = self._policy.decide(exc, claim.attempt, now, creating=creating)
         error = exc.summary() if isinstance(exc, AepError) else f"{type(exc).__name__}: {exc}"[:500]
+        ambiguous = decision.ambiguous or claim.needs_lookup or claim.record.lookup_only
+        if decision.ambiguous:
+            # This call may have made a batch just now: the catalog may take the window to list it.
+            settle_until = _later(settle_until, now + self._settle)
         if decision.kind == "release":
             self.stats.released += 1
-            await self._store.release(claim, now)
+            await self._store.release(claim, now, settle_until=settle_until)
             self._wake.set()  # due again at once: the claim loop checks the credentials first
             log.warning("batch.released", reason=decision.reason)
+        elif decision.kind == "fail" and ambiguous:
+            await self._final_lookup(claim, decision.reason, now, settle_until)
         elif decision.kind == "fail":
-            if (decision.ambiguous or claim.needs_lookup) and await self._adopt_before_failing(claim):
-                return
             self.stats.failed += 1
             if await self._store.mark_failed(claim, decision.reason, now):
                 log.error("batch.failed", error=decision.reason)
         else:
             self.stats.retries += 1
             next_at = now + timedelta(seconds=decision.delay)
-            ambiguous = decision.ambiguous or claim.needs_lookup
-            if await self._store.mark_retry(claim, error, next_at, ambiguous=ambiguous, now=now):
+            if await self._store.mark_retry(
+                claim, error, next_at, ambiguous=ambiguous, now=now, settle_until=settle_until
+            ):
                 self._wake.set()  # the claim loop may be sleeping past this retry's due time
                 log.warning(
                     "retry.scheduled",
@@ -247,24 +375,111 @@ class Dispatcher:
                     ambiguous=ambiguous,
                 )
 
-    async def _adopt_before_failing(self, claim: Claim) -> bool:
-        """The last attempt's create may have happened: one lookup before giving up, so a batch
-        that exists is recorded rather than orphaned."""
-        try:
-            found = await self._api.find_batches(claim.record.request().external_id)
-        except Exception as exc:  # noqa: BLE001 - failing the request is the fallback either way
-            log.warning("batch.final_lookup_failed", error=str(exc)[:200])
-            return False
-        if found:
-            await self._created(claim, found, adopted=True)
-        return bool(found)
+    async def _final_lookup(
+        self, claim: Claim, reason: str, now: datetime, settle_until: datetime | None
+    ) -> None:
+        """The request will not be created again, but its batch may exist: rather than failing it
+        now (and orphaning that batch), it is looked up until the settle window has passed, and
+        only then adopted or failed."""
+        if claim.record.lookup_only:
+            # A final look-up itself failed: try a few more times, then give up.
+            tries = claim.attempt - self._policy.settings.max_attempts
+            if tries >= FINAL_LOOKUP_TRIES:
+                self.stats.failed += 1
+                error = f"{claim.record.last_error or 'attempts spent'}; final look-ups failed: {reason}"
+                if await self._store.mark_failed(claim, error[:500], now):
+                    log.error("batch.failed", error=error[:500])
+                return
+            reason = claim.record.last_error or reason
+        settings = self._policy.settings
+        delay = max(
+            self._policy.lookup_delay,
+            full_jitter(1, settings.base_delay, settings.max_delay, self._policy.rng),
+        )
+        next_at = now + timedelta(seconds=delay)
+        if await self._store.mark_retry(
+            claim, reason, next_at, ambiguous=True, now=now, settle_until=settle_until, lookup_only=True
+        ):
+            self._wake.set()
+            log.warning("batch.final_lookup_scheduled", error=reason, delay=round(delay, 3))
 
-    async def _cancelled(self, claim: Claim, creating: bool) -> None:
+    async def _cancelled(self, claim: Claim, creating: bool, settle_until: datetime | None) -> None:
         now = self._clock.now()
-        if creating:
-            await self._store.mark_retry(
-                claim, "interrupted by shutdown during the call", now, ambiguous=True, now=now
-            )
-        else:
-            await self._store.release(claim, now)
+        try:
+            if creating:
+                await self._store.mark_retry(
+                    claim,
+                    "interrupted during the call",
+                    now,
+                    ambiguous=True,
+                    now=now,
+                    settle_until=_later(settle_until, now + self._settle),
+                    lookup_only=claim.record.lookup_only,
+                )
+            else:
+                await self._store.release(claim, now, settle_until=settle_until)
+        except Exception as error:  # noqa: BLE001 - the lease then expires and a take-over looks up
+            log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
         log.warning("batch.interrupted", call_sent=creating)
+
+    # --- reconciliation ------------------------------------------------------------------------
+
+    async def _reconcile(self, claim: Claim) -> None:
+        """One more look-up for a created request whose history was ambiguous, once the window has
+        passed: every batch a lost answer made is listed by now. Extras still `loading` are
+        aborted; the recorded batch is never touched."""
+        record = claim.record
+        try:
+            found = await self._api.find_batches(record.request().external_id)
+            aborted = []
+            for batch in found:
+                if batch.id == record.batch_id or not batch.live:
+                    continue
+                if batch.status.lower() != ABORTABLE:
+                    log.error(
+                        "batch.duplicate_kept",
+                        batch_id=record.batch_id,
+                        duplicate_id=batch.id,
+                        duplicate_status=batch.status,
+                    )
+                    continue
+                await self._api.abort_batch(batch.id)
+                aborted.append(batch.id)
+                self.stats.duplicates_aborted += 1
+                log.warning("batch.duplicate_aborted", batch_id=record.batch_id, duplicate_id=batch.id)
+            if record.batch_id not in {batch.id for batch in found}:
+                log.warning("batch.reconcile_missing", batch_id=record.batch_id)
+            detail = f"reconciled: aborted duplicate batches {', '.join(aborted)}" if aborted else None
+            await self._store.finish_reconciliation(claim, self._clock.now(), detail=detail)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._reconcile_later(claim, None))
+            raise
+        except Exception as exc:  # noqa: BLE001 - retried later, and given up after a few tries
+            await asyncio.shield(self._reconcile_later(claim, exc))
+
+    async def _reconcile_later(self, claim: Claim, exc: Exception | None) -> None:
+        now = self._clock.now()
+        try:
+            if exc is None:  # interrupted: due again as it was
+                await self._store.finish_reconciliation(claim, now, retry_at=now)
+                return
+            error = exc.summary() if isinstance(exc, AepError) else f"{type(exc).__name__}: {exc}"[:300]
+            tries = claim.record.reconcile_tries + 1
+            if tries >= self._policy.settings.max_attempts:
+                log.error("batch.reconcile_failed", error=error, tries=tries)
+                await self._store.finish_reconciliation(
+                    claim, now, detail=f"reconciliation gave up after {tries} tries: {error}"
+                )
+                return
+            settings = self._policy.settings
+            delay = max(1.0, full_jitter(tries, settings.base_delay, settings.max_delay, self._policy.rng))
+            log.warning("batch.reconcile_retry", error=error, delay=round(delay, 3))
+            await self._store.finish_reconciliation(
+                claim, now, retry_at=now + timedelta(seconds=delay), failed=True
+            )
+        except Exception as error:  # noqa: BLE001 - the lease then expires and it is claimed again
+            log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
+
+
+def _later(first: datetime | None, second: datetime) -> datetime:
+    return second if first is None or second > first else first

@@ -47,6 +47,14 @@ class BatchRecord:
     input_format: str | None = None
     multiline_json: bool | None = None
     tags: Mapping[str, list[str]] = field(default_factory=dict)
+    # No new create before this time: an earlier outcome was ambiguous and AEP's catalog may not
+    # list a batch made then until this settle window has passed.
+    settle_until: datetime | None = None
+    # Attempts are spent: look the batch up (until it settles), adopt it or fail; never create.
+    lookup_only: bool = False
+    # A created request with an ambiguous history is looked up once more at this time.
+    reconcile_at: datetime | None = None
+    reconcile_tries: int = 0
 
     def to_json(self) -> dict[str, object]:
         """The contract's record shape (`batches --json`, `GET /batches`)."""
@@ -87,6 +95,9 @@ class Claim:
     lease: str
     attempt: int
     needs_lookup: bool
+    # The previous holder's lease had expired: it died or stalled, maybe mid-create, so its batch
+    # may exist and may not be listed yet.
+    taken_over: bool = False
 
 
 class AddResult(StrEnum):
@@ -114,23 +125,76 @@ class BatchStore(Protocol):
         """Lease up to `limit` due requests for one attempt each (attempts += 1)."""
 
     async def mark_created(
-        self, claim: Claim, batch_id: str, batch_status: str, now: datetime, *, adopted: bool = False
+        self,
+        claim: Claim,
+        batch_id: str,
+        batch_status: str,
+        now: datetime,
+        *,
+        adopted: bool = False,
+        reconcile_at: datetime | None = None,
+        count_attempt: bool = True,
     ) -> bool:
-        """The batch exists. Returns False when the lease was lost (nothing written)."""
+        """The batch exists. Returns False when the lease was lost (nothing written).
+        `reconcile_at`: when to look the request up once more (its history was ambiguous).
+        `count_attempt=False`: the claim was for a look-up only (attempts spent)."""
 
     async def mark_retry(
-        self, claim: Claim, error: str, next_attempt_at: datetime, *, ambiguous: bool, now: datetime
+        self,
+        claim: Claim,
+        error: str,
+        next_attempt_at: datetime,
+        *,
+        ambiguous: bool,
+        now: datetime,
+        settle_until: datetime | None = None,
+        lookup_only: bool = False,
     ) -> bool:
-        """The attempt failed and will be retried; `ambiguous` means the batch may exist."""
+        """The attempt failed and will be retried; `ambiguous` means the batch may exist, and then
+        `settle_until` is when a look-up that finds nothing proves it does not. `lookup_only`: no
+        create any more, only look-ups (attempts spent)."""
 
-    async def mark_failed(self, claim: Claim, error: str, now: datetime) -> bool:
-        """A permanent failure or attempts exhausted."""
+    async def mark_failed(
+        self, claim: Claim, error: str, now: datetime, *, count_attempt: bool = True
+    ) -> bool:
+        """A permanent failure or attempts exhausted. `count_attempt=False` when the claim was for a
+        look-up only (the attempts were counted when they were made)."""
 
-    async def release(self, claim: Claim, now: datetime) -> None:
-        """Give a claim back without an attempt having been made (shutdown, no token)."""
+    async def release(
+        self,
+        claim: Claim,
+        now: datetime,
+        *,
+        until: datetime | None = None,
+        settle_until: datetime | None = None,
+    ) -> bool:
+        """Give a claim back without an attempt having been made (shutdown, no token, a look-up made
+        before the settle window passed); due again at `until`, or at once. `settle_until` (when
+        given) replaces the request's settle window."""
 
     async def renew(self, claims: Sequence[Claim], lease_seconds: float, now: datetime) -> set[str]:
-        """Extend the leases of claims still held; returns the request ids whose lease was renewed."""
+        """Extend the leases of claims still held, matched by (request, lease) pairs; returns the
+        request ids whose lease was renewed."""
+
+    async def claim_reconciliations(
+        self, owner: str, limit: int, lease_seconds: float, now: datetime
+    ) -> list[Claim]:
+        """Lease up to `limit` created requests whose reconciliation is due."""
+
+    async def finish_reconciliation(
+        self,
+        claim: Claim,
+        now: datetime,
+        *,
+        retry_at: datetime | None = None,
+        failed: bool = False,
+        detail: str | None = None,
+    ) -> bool:
+        """Reconciliation done, or with `retry_at` to be tried again then (`failed`: this try failed
+        and counts); `detail` goes to the trail. Returns False when the lease was lost."""
+
+    async def pending_reconciliations(self) -> int:
+        """How many created requests still wait for their reconciliation (`--until-idle`)."""
 
     async def counts(self) -> dict[State, int]:
         """How many requests are in each state (backlog metrics, `--until-idle`)."""

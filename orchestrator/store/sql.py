@@ -41,21 +41,23 @@ from sqlalchemy import (
     UniqueConstraint,
     Update,
     bindparam,
+    false,
     func,
     insert,
     or_,
     select,
     text,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from orchestrator.messages import BatchRequest
 from orchestrator.store.base import AddResult, BatchRecord, Claim, State, StateChange
-from orchestrator.store.engine import async_url, create_engine, reader
+from orchestrator.store.engine import async_url, open_engine, reader
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -120,6 +122,10 @@ batch_request = Table(
     Column("last_error", Text),
     Column("created_at", UtcDateTime, nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    Column("settle_until", UtcDateTime),  # no new create before (see BatchRecord)
+    Column("lookup_only", Boolean, nullable=False, server_default=false()),
+    Column("reconcile_at", UtcDateTime),  # a created request's one more look-up
+    Column("reconcile_tries", Integer, nullable=False, server_default="0"),
     UniqueConstraint("request_id", name="uq_batch_request_request_id"),
     CheckConstraint(_STATES_SQL, name="ck_batch_request_state"),
     CheckConstraint(_DUE_SQL, name="ck_batch_request_due"),
@@ -137,6 +143,13 @@ batch_request = Table(
         "lease_expires_at",
         sqlite_where=text("lease_expires_at IS NOT NULL"),
         postgresql_where=text("lease_expires_at IS NOT NULL"),
+    ),
+    # Only rows waiting for reconciliation.
+    Index(
+        "ix_batch_request_reconcile",
+        "reconcile_at",
+        sqlite_where=text("reconcile_at IS NOT NULL"),
+        postgresql_where=text("reconcile_at IS NOT NULL"),
     ),
     Index("ix_batch_request_state", "state", "created_at", "id"),
     Index("ix_batch_request_dataset", "dataset_id", "created_at"),
@@ -247,7 +260,7 @@ class SqlBatchStore:
         postgres = async_url(self.url).get_backend_name() == "postgresql"
         # SQLite: one connection for the writer task, one so reads need not wait for its commit.
         pool_size = self._pool_size or (None if postgres else 2)
-        engine = create_engine(self.url, synchronous="FULL", pool_size=pool_size)
+        engine = await open_engine(self.url, synchronous="FULL", pool_size=pool_size)
         try:
             async with engine.begin() as connection:
                 await connection.run_sync(upgrade)
@@ -319,10 +332,14 @@ class SqlBatchStore:
         leased = select(func.min(batch_request.c.lease_expires_at)).where(
             batch_request.c.lease_expires_at.is_not(None)
         )
+        reconcile = select(func.min(batch_request.c.reconcile_at)).where(
+            batch_request.c.reconcile_at.is_not(None), batch_request.c.lease_expires_at.is_(None)
+        )
         async with self._read.connect() as connection:
             first = (await connection.execute(unleased)).scalar_one_or_none()
             expiry = (await connection.execute(leased)).scalar_one_or_none()
-        times = [value for value in (first, expiry) if value is not None]
+            again = (await connection.execute(reconcile)).scalar_one_or_none()
+        times = [value for value in (first, expiry, again) if value is not None]
         return min(times) if times else None
 
     async def claim(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
@@ -332,21 +349,61 @@ class SqlBatchStore:
             batch_request.c.next_attempt_at <= now,  # only unfinished rows have one
             or_(batch_request.c.lease_expires_at.is_(None), batch_request.c.lease_expires_at <= now),
         )
+        order = (batch_request.c.next_attempt_at, batch_request.c.id)
+        return await self._claim(claimable, order, owner, limit, lease_seconds, now, attempt=True)
+
+    async def claim_reconciliations(
+        self, owner: str, limit: int, lease_seconds: float, now: datetime
+    ) -> list[Claim]:
+        if limit <= 0:
+            return []
+        claimable = (
+            batch_request.c.reconcile_at <= now,
+            or_(batch_request.c.lease_expires_at.is_(None), batch_request.c.lease_expires_at <= now),
+        )
+        order = (batch_request.c.reconcile_at, batch_request.c.id)
+        return await self._claim(claimable, order, owner, limit, lease_seconds, now, attempt=False)
+
+    async def _claim(
+        self,
+        claimable: tuple[ColumnElement[bool], ...],
+        order: tuple[ColumnElement[Any], ...],
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        now: datetime,
+        *,
+        attempt: bool,
+    ) -> list[Claim]:
+        """Lease up to `limit` rows matching `claimable`, in `order`; `attempt`: a create attempt
+        (attempts + 1, and a lease left behind means its outcome is unknown), else a reconciliation."""
         due = (
-            select(batch_request.c.id)
+            select(batch_request.c.id, batch_request.c.lease_expires_at.is_not(None))
             .where(*claimable)
-            .order_by(batch_request.c.next_attempt_at, batch_request.c.id)
+            .order_by(*order)
             .limit(limit)
         )
         if self._postgres:
             # Replicas claiming at once skip each other's rows instead of queueing behind them.
             # (SQLite needs nothing: BEGIN IMMEDIATE already makes this the only writer.)
             due = due.with_for_update(skip_locked=True)
+        counted: dict[str, Any] = {}
+        if attempt:
+            counted = {
+                "attempts": batch_request.c.attempts + 1,
+                # A lease still set means the last attempt's holder died before recording its
+                # outcome: the batch may exist. (SET reads the row's values before the update.)
+                "needs_lookup": or_(
+                    batch_request.c.needs_lookup, batch_request.c.lease_expires_at.is_not(None)
+                ),
+            }
 
         async def run(tx: _Tx) -> list[Claim]:
-            ids = list((await tx.connection.execute(due)).scalars())
-            if not ids:
+            found = (await tx.connection.execute(due)).all()
+            if not found:
                 return []
+            ids = [pk for pk, _ in found]
+            taken_over = {pk for pk, leased in found if leased}
             # One lease token for the claim: it fences per row together with the request id, and a
             # single bound value keeps the statement cacheable (a CASE per row was compiled anew
             # on every claim).
@@ -360,24 +417,21 @@ class SqlBatchStore:
                     lease_token=token,
                     lease_owner=owner,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    attempts=batch_request.c.attempts + 1,
-                    # A lease still set means the last attempt's holder died before recording its
-                    # outcome: the batch may exist. (SET reads the row's values before the update.)
-                    needs_lookup=or_(
-                        batch_request.c.needs_lookup, batch_request.c.lease_expires_at.is_not(None)
-                    ),
                     updated_at=now,
+                    **counted,
                 )
                 .returning(*batch_request.c)
             )
             rows = (await tx.connection.execute(statement)).mappings().all()
-            rows = sorted(rows, key=lambda row: (row["next_attempt_at"], row["id"]))
+            position = {pk: index for index, pk in enumerate(ids)}
+            rows = sorted(rows, key=lambda row: position[row["id"]])
             return [
                 Claim(
                     record=_record(row),
                     lease=row["lease_token"],
                     attempt=row["attempts"],
                     needs_lookup=bool(row["needs_lookup"]),
+                    taken_over=row["id"] in taken_over,
                 )
                 for row in rows
             ]
@@ -386,59 +440,121 @@ class SqlBatchStore:
         return claims
 
     async def mark_created(
-        self, claim: Claim, batch_id: str, batch_status: str, now: datetime, *, adopted: bool = False
+        self,
+        claim: Claim,
+        batch_id: str,
+        batch_status: str,
+        now: datetime,
+        *,
+        adopted: bool = False,
+        reconcile_at: datetime | None = None,
+        count_attempt: bool = True,
     ) -> bool:
         detail = f"batch {batch_id} ({batch_status})"
         if adopted:
             detail += ", adopted: found by externalId lookup, not created by this attempt"
-        values = {
+        values: dict[str, Any] = {
             "state": State.CREATED.value,
             "batch_id": batch_id,
             "batch_status": batch_status,
             "last_error": None,  # earlier errors stay in the trail
             "needs_lookup": False,
+            "lookup_only": False,
             "next_attempt_at": None,
+            "reconcile_at": reconcile_at,
         }
+        if not count_attempt:
+            values["attempts"] = batch_request.c.attempts - 1
         return await self._finish(claim, now, values, State.CREATED, detail)
 
     async def mark_retry(
-        self, claim: Claim, error: str, next_attempt_at: datetime, *, ambiguous: bool, now: datetime
+        self,
+        claim: Claim,
+        error: str,
+        next_attempt_at: datetime,
+        *,
+        ambiguous: bool,
+        now: datetime,
+        settle_until: datetime | None = None,
+        lookup_only: bool = False,
     ) -> bool:
         values: dict[str, Any] = {
             "state": State.RETRYING.value,
             "next_attempt_at": next_attempt_at,
             "last_error": error,
+            "lookup_only": lookup_only,
         }
+        if settle_until is not None:
+            values["settle_until"] = settle_until
         detail = error
         if ambiguous:
             # Stays set until the request is created or failed: once unsure, always look first.
             values["needs_lookup"] = True
             detail += " (outcome unknown: look up before creating again)"
+        if lookup_only:
+            detail += " (attempts spent: look-ups only, then adopt or fail)"
         return await self._finish(claim, now, values, State.RETRYING, detail)
 
-    async def mark_failed(self, claim: Claim, error: str, now: datetime) -> bool:
-        values = {
+    async def mark_failed(
+        self, claim: Claim, error: str, now: datetime, *, count_attempt: bool = True
+    ) -> bool:
+        values: dict[str, Any] = {
             "state": State.FAILED.value,
             "last_error": error,
             "needs_lookup": False,
+            "lookup_only": False,
             "next_attempt_at": None,
         }
+        if not count_attempt:
+            values["attempts"] = batch_request.c.attempts - 1
         return await self._finish(claim, now, values, State.FAILED, error)
 
-    async def release(self, claim: Claim, now: datetime) -> None:
+    async def release(
+        self,
+        claim: Claim,
+        now: datetime,
+        *,
+        until: datetime | None = None,
+        settle_until: datetime | None = None,
+    ) -> bool:
         # No attempt was made, so it is not counted; no state changed, so no trail row.
-        values = {"attempts": batch_request.c.attempts - 1}
-        await self._finish(claim, now, values, None, None)
+        values: dict[str, Any] = {"attempts": batch_request.c.attempts - 1}
+        if until is not None:
+            values["next_attempt_at"] = until
+        if settle_until is not None:
+            values["settle_until"] = settle_until
+        return await self._finish(claim, now, values, None, None)
+
+    async def finish_reconciliation(
+        self,
+        claim: Claim,
+        now: datetime,
+        *,
+        retry_at: datetime | None = None,
+        failed: bool = False,
+        detail: str | None = None,
+    ) -> bool:
+        values: dict[str, Any] = {"reconcile_at": retry_at}
+        if failed:
+            values["reconcile_tries"] = batch_request.c.reconcile_tries + 1
+        to_state = State.CREATED if detail is not None else None
+        return await self._finish(claim, now, values, to_state, detail)
+
+    async def pending_reconciliations(self) -> int:
+        statement = (
+            select(func.count()).select_from(batch_request).where(batch_request.c.reconcile_at.is_not(None))
+        )
+        async with self._read.connect() as connection:
+            return int((await connection.execute(statement)).scalar_one())
 
     async def renew(self, claims: Sequence[Claim], lease_seconds: float, now: datetime) -> set[str]:
         if not claims:
             return set()
+        pairs = [(claim.record.request_id, claim.lease) for claim in claims]
         statement = (
             update(batch_request)
-            .where(
-                batch_request.c.request_id.in_([claim.record.request_id for claim in claims]),
-                batch_request.c.lease_token.in_({claim.lease for claim in claims}),
-            )
+            # Pairs, not two IN lists: those would also match one request's id with another's lease.
+            .where(tuple_(batch_request.c.request_id, batch_request.c.lease_token).in_(pairs))
             .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
             .returning(batch_request.c.request_id)
         )
@@ -726,4 +842,8 @@ def _record(row: RowMapping) -> BatchRecord:
         input_format=row["input_format"],
         multiline_json=row["multiline_json"],
         tags=tags,
+        settle_until=row["settle_until"],
+        lookup_only=bool(row["lookup_only"]),
+        reconcile_at=row["reconcile_at"],
+        reconcile_tries=row["reconcile_tries"],
     )

@@ -21,7 +21,7 @@ from orchestrator.settings import AepSettings
 from orchestrator.store.sql import SqlBatchStore
 
 
-async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 3.0) -> None:
+async def until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
     """Wait (real time, in 1 ms steps) until `condition` holds; fail the test after `timeout`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -152,8 +152,8 @@ Outcome = Batch | list[Batch] | BaseException | Hang | Callable[[], Awaitable[ob
 
 @dataclass(frozen=True)
 class Call:
-    method: str  # "create" or "lookup"
-    external_id: str
+    method: str  # "create", "lookup" or "abort"
+    external_id: str  # the batch id, for an abort
     dataset_id: str | None = None
     input_format: str | None = None
 
@@ -175,6 +175,8 @@ class FakeApi:
         self.token_error: AuthError | None = None
         self.token_checks = 0
         self.calls: list[Call] = []
+        self.aborted: list[str] = []
+        self.abort_errors: deque[BaseException] = deque()
         self.in_flight = 0
         self.max_in_flight = 0
         self._batch_ids = itertools.count(1)
@@ -206,6 +208,12 @@ class FakeApi:
 
     async def get_batch(self, batch_id: str) -> Batch:
         raise AssertionError("the dispatcher never reads a batch by id")
+
+    async def abort_batch(self, batch_id: str) -> None:
+        self.calls.append(Call("abort", batch_id))
+        if self.abort_errors:
+            raise self.abort_errors.popleft()
+        self.aborted.append(batch_id)
 
     async def _run(self, script: deque[Outcome]) -> object:
         self.in_flight += 1

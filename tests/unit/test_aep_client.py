@@ -22,6 +22,7 @@ from orchestrator.aep.client import AepClient, error_fields
 from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError, AuthError
 from orchestrator.clock import ManualClock
 from orchestrator.messages import BatchRequest
+from orchestrator.pipeline.retry import Action, classify
 from orchestrator.settings import AepSettings
 from tests.unit.fakes import IMS_URL, aep_settings
 
@@ -225,7 +226,12 @@ async def test_lookup_parses_every_batch_oldest_first(mock: aioresponses, client
     assert batches[1].dataset_id == DATASET
     [(method, url, call)] = all_calls(mock)
     assert (method, url.path) == ("GET", "/data/foundation/catalog/batches")
-    assert dict(url.query) == {"externalId": external, "orderBy": "asc:created", "limit": "100"}
+    assert dict(url.query) == {
+        "externalId": external,
+        "orderBy": "asc:created",
+        "limit": "100",
+        "start": "0",
+    }
     assert "Content-Type" not in call.kwargs["headers"]
     assert call.kwargs["headers"]["x-sandbox-name"] == "dev-1"
 
@@ -241,6 +247,56 @@ async def test_lookup_ignores_batches_of_other_requests(mock: aioresponses, clie
     )
 
     assert [b.id for b in await client.find_batches("orch-abc")] == ["mine"]
+
+
+async def test_lookup_reads_every_page(mock: aioresponses, client: AepClient) -> None:
+    """A full page (100 entries) may have a next one: read on until a page is not full."""
+    external = "orch-abc"
+    first = {f"b{i:03}": {"status": "aborted", "externalId": external, "created": i} for i in range(100)}
+    mock.get(LOOKUP, payload=first)
+    mock.get(LOOKUP, payload={"b-last": {"status": "loading", "externalId": external, "created": 500}})
+
+    batches = await client.find_batches(external)
+
+    assert len(batches) == 101
+    assert batches[-1].id == "b-last"
+    assert [url.query["start"] for _, url, _ in all_calls(mock)] == ["0", "100"]
+
+
+async def test_a_page_of_strangers_is_an_error_not_none_found(mock: aioresponses, client: AepClient) -> None:
+    """A catalog that ignored the filter says nothing about our batch: treating that as "none"
+    would lead to a second create."""
+    mock.get(LOOKUP, payload={"theirs": {"status": "loading", "externalId": "orch-xyz", "created": 1}})
+
+    with pytest.raises(AepHttpError) as caught:
+        await client.find_batches("orch-abc")
+    assert caught.value.endpoint == "catalog.lookup"
+    assert classify(caught.value, creating=False).action is Action.RETRY
+
+
+async def test_abort_posts_the_action(mock: aioresponses, client: AepClient) -> None:
+    mock.post(f"{CREATE_URL}/{BATCH_ID}?action=ABORT", status=200, body="")
+
+    await client.abort_batch(BATCH_ID)
+
+    [(method, url, _)] = all_calls(mock)
+    assert (method, url.path, url.query["action"]) == (
+        "POST",
+        f"/data/foundation/import/batches/{BATCH_ID}",
+        "ABORT",
+    )
+
+
+async def test_abort_refusal_is_an_error(mock: aioresponses, client: AepClient) -> None:
+    mock.post(
+        f"{CREATE_URL}/{BATCH_ID}?action=ABORT",
+        status=400,
+        payload={"type": "x", "status": 400, "title": "BadRequestError", "detail": "finalized"},
+    )
+
+    with pytest.raises(AepHttpError) as caught:
+        await client.abort_batch(BATCH_ID)
+    assert (caught.value.endpoint, caught.value.status) == ("batches.abort", 400)
 
 
 async def test_lookup_of_nothing_is_an_empty_list(mock: aioresponses, client: AepClient) -> None:

@@ -1,119 +1,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import random
 from datetime import timedelta
-from types import TracebackType
 
 import pytest
 
 from orchestrator.aep.api import Batch, BatchApi
 from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError, AuthError
 from orchestrator.clock import ManualClock
-from orchestrator.messages import BatchRequest, external_id_for
-from orchestrator.pipeline.dispatcher import Dispatcher
-from orchestrator.pipeline.retry import RetryBudget, RetryPolicy
-from orchestrator.settings import RetrySettings
-from orchestrator.store.base import BatchRecord, State
+from orchestrator.pipeline.dispatcher import FINAL_LOOKUP_TRIES
+from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
+from tests.unit.dispatching import DS, EXT, SETTLE, CountingStore, Running, add, http
 from tests.unit.fakes import Call, FakeApi, Hang, until
-
-DS = "5c8c3c555033b814b69f947f"
-EXT = external_id_for("r1")
-POLL_INTERVAL = 0.5
-
-
-def http(status: int, retry_after: str | None = None, detail: str = "boom") -> AepHttpError:
-    return AepHttpError(
-        f"HTTP {status}", endpoint="batches.create", status=status, detail=detail, retry_after=retry_after
-    )
-
-
-class Running:
-    """A dispatcher running on a manual clock; stopped and drained on exit."""
-
-    def __init__(
-        self,
-        store: SqlBatchStore,
-        api: FakeApi,
-        clock: ManualClock,
-        *,
-        max_attempts: int = 5,
-        concurrency: int = 4,
-        grace: float = 0.1,
-    ) -> None:
-        self.store, self.api, self.clock, self.grace = store, api, clock, grace
-        policy = RetryPolicy(
-            RetrySettings(max_attempts=max_attempts, base_delay=0.5, max_delay=4),
-            random.Random(0),
-            RetryBudget(),
-        )
-        self.wake = asyncio.Event()
-        self.dispatcher = Dispatcher(
-            store,
-            api,
-            policy,
-            clock,
-            owner="test",
-            concurrency=concurrency,
-            lease_seconds=60,
-            default_format="json",
-            poll_interval=POLL_INTERVAL,
-            wake=self.wake,
-        )
-        self.stop = asyncio.Event()
-        self.task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> Running:
-        self.task = asyncio.create_task(self.dispatcher.run(self.stop))
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.shutdown()
-
-    async def shutdown(self, grace: float | None = None) -> None:
-        self.stop.set()
-        assert self.task is not None
-        await asyncio.wait_for(self.task, 1.0)
-        await self.dispatcher.drain(self.grace if grace is None else grace)
-
-    async def outcome(self, request_id: str = "r1", outcomes: int = 1) -> BatchRecord:
-        """Wait until `outcomes` attempt outcomes are in the request's trail; return the record."""
-        await until(lambda: self._trail_has(request_id, outcomes + 1))
-        record = await self.store.get(request_id)
-        assert record is not None
-        return record
-
-    async def _trail_has(self, request_id: str, length: int) -> bool:
-        return len(await self.store.history(request_id)) >= length
-
-    async def until_due(self, request_id: str = "r1") -> None:
-        """Move the clock to the request's next attempt, then on a poll interval at a time until the
-        dispatcher has claimed it: time may move before the dispatcher has gone to sleep, and a
-        sleep begun after that waits for the clock to move again."""
-        record = await self.store.get(request_id)
-        assert record is not None
-        assert record.next_attempt_at is not None
-        attempts = record.attempts
-        self.clock.advance(max(0.0, (record.next_attempt_at - self.clock.now()).total_seconds()) + 0.001)
-        for _ in range(100):
-            await asyncio.sleep(0.01)
-            record = await self.store.get(request_id)
-            assert record is not None
-            if record.attempts > attempts or record.state.final:
-                return
-            self.clock.advance(POLL_INTERVAL)
-        raise AssertionError(f"{request_id} was not claimed again")
-
-
-async def add(store: SqlBatchStore, clock: ManualClock, *request_ids: str, **fields: object) -> None:
-    for request_id in request_ids:
-        request = BatchRequest(request_id=request_id, dataset_id=DS, **fields)  # type: ignore[arg-type]
-        await store.add(request, clock.now())
 
 
 def test_fake_api_implements_the_port() -> None:
@@ -159,8 +59,9 @@ async def test_bad_request_fails_after_one_attempt(store: SqlBatchStore, clock: 
     await add(store, clock, "r1")
     async with Running(store, api, clock) as run:
         record = await run.outcome()
+        await run.quiet()
         clock.advance(3600)
-        await asyncio.sleep(0.02)
+        await run.quiet()
     assert (record.state, record.attempts) == (State.FAILED, 1)
     assert record.last_error is not None
     assert "HTTP 400" in record.last_error
@@ -192,15 +93,36 @@ async def test_server_error_retries_with_a_lookup_that_adopts(
     assert "adopted" in ((await store.history("r1"))[-1].detail or "")
 
 
-async def test_server_error_then_empty_lookup_creates(store: SqlBatchStore, clock: ManualClock) -> None:
-    api = FakeApi(creates=[http(502)], lookups=[[]])
+async def test_server_error_then_empty_lookups_create_only_after_the_settle_window(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    """A look-up that finds nothing inside the window proves nothing (the catalog may not list the
+    batch yet): look again, and create only once a look-up after the window still finds nothing."""
+    api = FakeApi(creates=[http(502)])
     await add(store, clock, "r1")
+    failed_at = clock.now()
     async with Running(store, api, clock) as run:
-        await run.outcome()
-        await run.until_due()
-        record = await run.outcome(outcomes=2)
-    assert (record.state, record.batch_id, record.attempts) == (State.CREATED, "batch-1", 2)
-    assert api.methods == ["create", "lookup", "create"]
+        record = await run.outcome()
+        assert record.settle_until == failed_at + timedelta(seconds=SETTLE)
+        created_at = None
+        for _ in range(20):
+            await run.until_due()
+            record = await run.get()
+            if record.state is State.CREATED:
+                created_at = clock.now()
+                break
+            assert record.attempts == 1, "a look-up inside the window is not an attempt"
+    assert record.state is State.CREATED
+    assert (record.batch_id, record.attempts) == ("batch-1", 2)
+    assert created_at is not None
+    assert created_at >= failed_at + timedelta(seconds=SETTLE)
+    methods = api.methods
+    assert methods[0] == "create"
+    assert methods[-1] == "create"
+    lookups = methods[1:-1]
+    # Look-ups only in between, spaced out (1 s, 2 s, 4 s, ...) rather than one per poll.
+    assert set(lookups) == {"lookup"}
+    assert 3 <= len(lookups) <= 8
     assert run.dispatcher.stats.created == 1
 
 
@@ -233,29 +155,36 @@ async def test_throttled_create_is_not_ambiguous(store: SqlBatchStore, clock: Ma
 async def test_which_failures_make_the_next_attempt_look_up(
     store: SqlBatchStore, clock: ManualClock, error: Exception, looks_up: bool
 ) -> None:
-    api = FakeApi(creates=[error])
+    api = FakeApi(creates=[error], lookups=[[Batch("b-found", "loading", EXT, DS)]])
     await add(store, clock, "r1")
     async with Running(store, api, clock) as run:
         assert (await run.outcome()).state is State.RETRYING
         await run.until_due()
-        assert (await run.outcome(outcomes=2)).state is State.CREATED
-    assert api.methods == (["create", "lookup", "create"] if looks_up else ["create", "create"])
+        record = await run.get()
+    assert record.state is State.CREATED
+    if looks_up:
+        assert api.methods == ["create", "lookup"]
+        assert record.batch_id == "b-found"
+    else:
+        assert api.methods == ["create", "create"]
+        assert record.settle_until is None
 
 
 async def test_a_failed_lookup_keeps_the_request_marked_for_lookup(
     store: SqlBatchStore, clock: ManualClock
 ) -> None:
     lookup_error = AepHttpError("HTTP 503", endpoint="catalog.lookup", status=503)
-    api = FakeApi(creates=[http(500)], lookups=[lookup_error, []])
+    api = FakeApi(creates=[http(500)], lookups=[lookup_error])
     await add(store, clock, "r1")
     async with Running(store, api, clock) as run:
         await run.outcome()
         await run.until_due()
-        assert (await run.outcome(outcomes=2)).state is State.RETRYING
-        await run.until_due()
-        record = await run.outcome(outcomes=3)
+        record = await run.get()
+        assert (record.state, record.attempts) == (State.RETRYING, 2)  # a failed call counts
+        record = await run.until_final()
     assert (record.state, record.attempts) == (State.CREATED, 3)
-    assert api.methods == ["create", "lookup", "lookup", "create"]
+    assert api.methods[:3] == ["create", "lookup", "lookup"]  # looked up again, not created
+    assert api.methods.count("create") == 2
 
 
 async def test_a_lease_left_by_a_crashed_dispatcher_means_lookup_first(
@@ -275,46 +204,53 @@ async def test_a_lease_left_by_a_crashed_dispatcher_means_lookup_first(
 # --- attempts exhausted -------------------------------------------------------------------------------
 
 
-async def test_last_attempt_looks_up_once_more_and_adopts(store: SqlBatchStore, clock: ManualClock) -> None:
-    late = Batch("b-late", "loading", EXT, DS)
-    api = FakeApi(creates=[http(500), http(500)], lookups=[[], [late]])
-    await add(store, clock, "r1")
-    async with Running(store, api, clock, max_attempts=2) as run:
-        await run.outcome()
-        await run.until_due()
-        record = await run.outcome(outcomes=2)
-    assert (record.state, record.batch_id, record.attempts) == (State.CREATED, "b-late", 2)
-    assert api.methods == ["create", "lookup", "create", "lookup"]
-    assert (run.dispatcher.stats.adopted, run.dispatcher.stats.failed) == (1, 0)
-
-
-async def test_last_attempt_fails_when_the_final_lookup_finds_nothing(
+async def test_spent_attempts_look_up_across_the_window_and_adopt(
     store: SqlBatchStore, clock: ManualClock
 ) -> None:
-    api = FakeApi(creates=[http(500), http(500)], lookups=[[], []])
-    await add(store, clock, "r1")
-    async with Running(store, api, clock, max_attempts=2) as run:
-        await run.outcome()
-        await run.until_due()
-        record = await run.outcome(outcomes=2)
-        clock.advance(3600)
-        await asyncio.sleep(0.02)
-    assert (record.state, record.attempts) == (State.FAILED, 2)
-    assert record.last_error is not None
-    assert record.last_error.startswith("gave up after 2 attempts")
-    assert api.methods == ["create", "lookup", "create", "lookup"]
-    assert run.dispatcher.stats.failed == 1
-
-
-async def test_final_lookup_error_still_fails(store: SqlBatchStore, clock: ManualClock) -> None:
-    api = FakeApi(
-        creates=[http(500)], lookups=[AepTimeout("slow", endpoint="catalog.lookup", maybe_sent=True)]
-    )
+    """The last attempt's create may have happened: the request is not failed at once (orphaning
+    that batch) but looked up until the window has passed, and a batch listed late is adopted."""
+    late = Batch("b-late", "loading", EXT, DS)
+    api = FakeApi(creates=[http(500)], lookups=[[], [], [late]])
     await add(store, clock, "r1")
     async with Running(store, api, clock, max_attempts=1) as run:
         record = await run.outcome()
+        assert (record.state, record.lookup_only) == (State.RETRYING, True)
+        record = await run.until_final()
+    assert (record.state, record.batch_id, record.attempts) == (State.CREATED, "b-late", 1)
+    assert api.methods == ["create", "lookup", "lookup", "lookup"]
+    assert (run.dispatcher.stats.adopted, run.dispatcher.stats.failed) == (1, 0)
+
+
+async def test_spent_attempts_fail_once_the_window_passed_with_nothing_listed(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    api = FakeApi(creates=[http(500)])
+    await add(store, clock, "r1")
+    failed_at = clock.now()
+    async with Running(store, api, clock, max_attempts=1) as run:
+        await run.outcome()
+        record = await run.until_final()
     assert (record.state, record.attempts) == (State.FAILED, 1)
-    assert api.methods == ["create", "lookup"]
+    assert clock.now() >= failed_at + timedelta(seconds=SETTLE)
+    assert record.last_error is not None
+    assert record.last_error.startswith("gave up after 1 attempts")
+    assert api.methods[0] == "create"
+    assert set(api.methods[1:]) == {"lookup"}  # never a second create
+    assert run.dispatcher.stats.failed == 1
+
+
+async def test_final_lookups_that_keep_failing_fail_the_request(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    timeout = AepTimeout("slow", endpoint="catalog.lookup", maybe_sent=True)
+    api = FakeApi(creates=[http(500)], lookups=[timeout] * 10)
+    await add(store, clock, "r1")
+    async with Running(store, api, clock, max_attempts=1) as run:
+        record = await run.until_final()
+    assert record.state is State.FAILED
+    assert record.last_error is not None
+    assert "final look-ups failed" in record.last_error
+    assert api.methods == ["create"] + ["lookup"] * FINAL_LOOKUP_TRIES
 
 
 async def test_exhausted_unambiguous_retries_fail_without_lookup(
@@ -416,18 +352,16 @@ async def test_drain_cancels_a_hung_create_and_leaves_it_for_a_lookup(
     await add(store, clock, "r1")
     run = Running(store, api, clock)
     async with run:
-        await asyncio.wait_for(hang.started.wait(), 1)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        await run.shutdown(grace=0.03)
-        assert loop.time() - started < 0.5
+        await asyncio.wait_for(hang.started.wait(), 5)
+        await run.shutdown(grace=0.03)  # returns although the call would hang for ever
     assert hang.cancelled == 1
     assert run.dispatcher.in_flight == 0
     record = await store.get("r1")
     assert record is not None
     assert (record.state, record.attempts) == (State.RETRYING, 1)
-    assert record.last_error == "interrupted by shutdown during the call"
-    assert record.next_attempt_at == clock.now()  # due at once
+    assert record.last_error == "interrupted during the call"
+    assert record.next_attempt_at == clock.now()  # due at once, for a look-up
+    assert record.settle_until == clock.now() + timedelta(seconds=SETTLE)  # but no create before
 
     # The next run looks the batch up before creating again, and adopts it.
     api2 = FakeApi(lookups=[[Batch("b-sent-before-shutdown", "loading", EXT, DS)]])
@@ -443,8 +377,8 @@ async def test_drain_cancels_a_hung_lookup_and_releases_it(store: SqlBatchStore,
     await add(store, clock, "r1")
     async with Running(store, api, clock) as run:
         await run.outcome()
-        await run.until_due()
-        await asyncio.wait_for(hang.started.wait(), 1)
+        await run.until_due(finish=False)
+        await asyncio.wait_for(hang.started.wait(), 5)
         await run.shutdown(grace=0.01)
     assert hang.cancelled == 1
     record = await store.get("r1")
@@ -466,8 +400,8 @@ async def test_drain_lets_calls_finish_within_grace(store: SqlBatchStore, clock:
     await add(store, clock, "r1")
     run = Running(store, api, clock)
     async with run:
-        await asyncio.wait_for(started.wait(), 1)
-        await run.shutdown(grace=2)
+        await asyncio.wait_for(started.wait(), 5)
+        await run.shutdown(grace=60)  # returns as soon as the call is done
     record = await store.get("r1")
     assert record is not None
     assert (record.state, record.batch_id) == (State.CREATED, "b-slow")
@@ -493,13 +427,11 @@ async def test_concurrency_bound(store: SqlBatchStore, clock: ManualClock, concu
     numbers = itertools.count(1)
 
     async def create() -> Batch:
-        # Each call stays in flight until `concurrency` calls are (or 0.2 s passed), then a little
-        # longer: a dispatcher that started more calls than its bound would be caught overlapping.
+        # The first calls stay in flight until `concurrency` of them are: a dispatcher that started
+        # more calls than its bound would be caught overlapping, one that started fewer would hang.
         if api.in_flight >= concurrency:
             full.set()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(full.wait(), 0.2)
-        await asyncio.sleep(0.01)
+        await full.wait()
         return Batch(f"b-{next(numbers)}", "loading")
 
     ids = [f"r{i}" for i in range(8)]
@@ -524,52 +456,122 @@ async def test_wake_picks_up_new_requests_at_once(store: SqlBatchStore, clock: M
     assert record.state is State.CREATED
 
 
-async def test_outcomes_are_fenced_by_the_lease(store: SqlBatchStore, clock: ManualClock) -> None:
-    released = asyncio.Event()
+async def test_a_call_whose_lease_was_taken_over_is_abandoned_before_it_creates(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    """This process stalled past its lease while a call waited to be sent (in the limiter); another
+    dispatcher took the request over and recorded its batch. The renewer finds the lease gone and
+    cancels the call before its create is sent: one batch, the other dispatcher's."""
+    counting = CountingStore(store)
+    send = asyncio.Event()
+    sent: list[str] = []
+    waiting = asyncio.Event()
 
-    async def take_over() -> None:
-        # As another dispatcher sees it, 61 s on: this process stalled past its lease, unrenewed.
-        later = clock.now() + timedelta(seconds=61)
-        [other] = await store.claim("other", 1, 60, later)
-        assert await store.mark_created(other, "b-other", "loading", later)
-        released.set()
-
-    async def slow_create() -> Batch:
-        # The lease renewer may notice the lost lease and cancel this call (shielded, the takeover
-        # completes either way); if not, the stale outcome is fenced off. Either way the other
-        # dispatcher's batch must stand.
-        await asyncio.shield(take_over())
-        clock.advance(61)
+    async def create_after_the_limiter() -> Batch:
+        waiting.set()
+        await send.wait()  # never set: the lease renewer must cancel this first
+        sent.append("b-stale")
         return Batch("b-stale", "loading", EXT, DS)
 
-    api = FakeApi(creates=[slow_create])
+    api = FakeApi(creates=[create_after_the_limiter])
     await add(store, clock, "r1")
-    async with Running(store, api, clock) as run:
-        await asyncio.wait_for(released.wait(), 1)
+    async with Running(counting, api, clock, lease=60) as run:
+        await asyncio.wait_for(waiting.wait(), 5)
+        later = clock.now() + timedelta(seconds=61)
+        [other] = await store.claim("other", 1, 60, later)
+        assert other.taken_over
+        assert other.needs_lookup
+        assert await store.mark_created(other, "b-other", "loading", later)
+        clock.advance(21)  # the renewer's beat (a third of the lease)
         await until(lambda: run.dispatcher.in_flight == 0)
+    assert sent == []
+    record = await run.get()
+    assert (record.state, record.batch_id) == (State.CREATED, "b-other")
+    assert run.dispatcher.stats.created == 0
+
+
+async def test_a_stale_outcome_is_fenced_off(store: SqlBatchStore, clock: ManualClock) -> None:
+    """Should a stale call finish anyway, its outcome overwrites nothing."""
+    later = clock.now() + timedelta(seconds=61)
+    await add(store, clock, "r1")
+    [mine] = await store.claim("me", 1, 60, clock.now())
+    [theirs] = await store.claim("other", 1, 60, later)
+    assert await store.mark_created(theirs, "b-other", "loading", later)
+    assert not await store.mark_created(mine, "b-stale", "loading", later)
+    assert not await store.mark_retry(mine, "late", later, ambiguous=True, now=later)
     record = await store.get("r1")
     assert record is not None
-    assert record.batch_id == "b-other"  # the stale attempt overwrote nothing
-    assert run.dispatcher.stats.created == 0
+    assert record.batch_id == "b-other"
 
 
 async def test_a_call_waiting_past_its_lease_keeps_it(store: SqlBatchStore, clock: ManualClock) -> None:
     """A call held up longer than the lease (throttling pauses) has its lease renewed, so no other
     dispatcher can claim the request meanwhile and create a second batch."""
+    counting = CountingStore(store)
     stolen: list[object] = []
 
     async def slow_create() -> Batch:
-        for _ in range(6):  # 6 x 25 s = 150 s, well past the 60 s lease
-            clock.advance(25)
-            await asyncio.sleep(0.01)  # room for the renewer to run
+        for beat in range(1, 7):  # 6 x 25 s = 150 s, well past the 60 s lease
+            clock.advance(25)  # past one renewer beat (every 20 s) each time
+            await until(lambda beat=beat: counting.renewals >= beat)  # type: ignore[misc]
             stolen.extend(await store.claim("other", 1, 60, clock.now()))
         return Batch("b1", "loading", EXT, DS)
 
     api = FakeApi(creates=[slow_create])
     await add(store, clock, "r1")
-    async with Running(store, api, clock) as run:
+    async with Running(counting, api, clock) as run:
         await until(lambda: run.dispatcher.stats.created == 1)
     assert stolen == []
-    record = await store.get("r1")
-    assert record is not None
+    record = await run.get()
     assert record.batch_id == "b1"
+
+
+async def test_the_renewer_outlives_store_errors(store: SqlBatchStore, clock: ManualClock) -> None:
+    counting = CountingStore(store)
+    counting.fail_renewals = 1
+    release = asyncio.Event()
+
+    async def long_create() -> Batch:
+        await release.wait()
+        return Batch("b1", "loading", EXT, DS)
+
+    api = FakeApi(creates=[long_create])
+    await add(store, clock, "r1")
+    async with Running(counting, api, clock, lease=60) as run:
+        await until(lambda: run.dispatcher.in_flight == 1)
+        clock.advance(20.001)  # beat 1: the store fails; the lease (60 s) outlasts the next beat
+        await until(lambda: counting.renewals == 1)
+        assert run.dispatcher.in_flight == 1
+        clock.advance(20)  # beat 2: renewed
+        await until(lambda: counting.renewals == 2)
+        assert await store.claim("other", 1, 60, clock.now() + timedelta(seconds=30)) == []
+        release.set()
+        await until(lambda: run.dispatcher.stats.created == 1)
+        assert run.task is not None
+        assert not run.task.done()
+
+
+async def test_a_lease_the_store_will_not_renew_in_time_is_abandoned_as_ambiguous(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    """The store fails every renewal: before the lease can run out (and another dispatcher take the
+    request over while this call may still create), the call is cancelled; its outcome, recorded
+    once the store answers again, is unknown, so the next attempt looks up first."""
+    counting = CountingStore(store)
+    counting.fail_renewals = 2
+    hang = Hang()
+    api = FakeApi(creates=[hang])
+    await add(store, clock, "r1")
+    async with Running(counting, api, clock, lease=60) as run:
+        await asyncio.wait_for(hang.started.wait(), 5)
+        clock.advance(20.001)
+        await until(lambda: counting.renewals == 1)
+        assert hang.cancelled == 0  # 40 s of lease left: the next beat may still renew it
+        clock.advance(20)
+        await until(lambda: hang.cancelled == 1)
+        await until(lambda: run.dispatcher.in_flight == 0)
+    record = await run.get()
+    assert (record.state, record.attempts) == (State.RETRYING, 1)
+    assert record.last_error == "interrupted during the call"
+    [claim] = await store.claim("next", 1, 60, clock.now())
+    assert claim.needs_lookup

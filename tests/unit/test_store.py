@@ -10,6 +10,7 @@ import asyncio
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
@@ -315,6 +316,78 @@ async def test_release_gives_a_claim_back_uncounted(make_store: MakeStore, now: 
     assert len(await store.history("r1")) == 1
 
 
+@portable
+async def test_renew_matches_request_and_lease_pairs(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    await store.add(request("r1"), now)
+    await store.add(request("r2"), now + timedelta(seconds=1))
+    [first] = await store.claim("d", 1, 30, now + timedelta(seconds=1))
+    [second] = await store.claim("d", 1, 30, now + timedelta(seconds=1))
+    assert first.lease != second.lease
+    crossed = [replace(first, lease=second.lease), replace(second, lease=first.lease)]
+
+    assert await store.renew(crossed, 30, now + timedelta(seconds=20)) == set()
+    assert await store.renew([first, second], 30, now + timedelta(seconds=20)) == {"r1", "r2"}
+    assert await store.next_due() == now + timedelta(seconds=50)
+
+
+@portable
+async def test_settle_window_and_lookup_only_are_kept(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    await store.add(request(), now)
+    [claim] = await store.claim("d", 1, 30, now)
+    settle = now + timedelta(seconds=30)
+    assert await store.mark_retry(
+        claim, "HTTP 502", now + timedelta(seconds=1), ambiguous=True, now=now, settle_until=settle
+    )
+    [again] = await store.claim("d", 1, 30, now + timedelta(seconds=1))
+    assert (again.record.settle_until, again.needs_lookup, again.attempt) == (settle, True, 2)
+    # A look-up inside the window: given back uncounted, due again later, window unchanged.
+    assert await store.release(again, now, until=now + timedelta(seconds=3))
+    record = await store.get("r1")
+    assert record is not None
+    assert (record.attempts, record.next_attempt_at, record.settle_until) == (
+        1,
+        now + timedelta(seconds=3),
+        settle,
+    )
+    [third] = await store.claim("d", 1, 30, now + timedelta(seconds=3))
+    assert await store.mark_retry(
+        third, "gave up", now + timedelta(seconds=4), ambiguous=True, now=now, lookup_only=True
+    )
+    [last] = await store.claim("d", 1, 30, now + timedelta(seconds=4))
+    assert (last.record.lookup_only, last.record.settle_until) == (True, settle)
+    assert await store.mark_failed(last, "gave up", now, count_attempt=False)
+    record = await store.get("r1")
+    assert record is not None
+    assert (record.state, record.attempts, record.lookup_only) == (State.FAILED, 2, False)
+
+
+@portable
+async def test_reconciliation_is_claimed_once_due(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    await store.add(request(), now)
+    [claim] = await store.claim("d", 1, 30, now)
+    reconcile = now + timedelta(seconds=30)
+    assert await store.mark_created(claim, "b1", "loading", now, adopted=True, reconcile_at=reconcile)
+    assert await store.pending_reconciliations() == 1
+    assert await store.next_due() == reconcile
+    assert await store.claim_reconciliations("d", 10, 30, now) == []
+    [due] = await store.claim_reconciliations("d", 10, 30, reconcile)
+    assert (due.record.state, due.record.batch_id, due.attempt) == (State.CREATED, "b1", 1)
+    assert await store.claim_reconciliations("other", 10, 30, reconcile) == []  # leased
+    assert await store.claim("other", 10, 30, reconcile) == []  # never a create
+    assert await store.finish_reconciliation(
+        due, reconcile, retry_at=reconcile + timedelta(seconds=5), failed=True
+    )
+    [again] = await store.claim_reconciliations("d", 10, 30, reconcile + timedelta(seconds=5))
+    assert again.record.reconcile_tries == 1
+    assert await store.finish_reconciliation(again, reconcile, detail="reconciled: aborted b2")
+    assert await store.pending_reconciliations() == 0
+    assert await store.next_due() is None
+    assert (await store.history("r1"))[-1].detail == "reconciled: aborted b2"
+
+
 # --- queries ------------------------------------------------------------------------------------
 
 
@@ -569,7 +642,9 @@ async def test_migrations_build_the_schema_the_code_queries(store_url: str) -> N
         async with engine.connect() as connection:
             assert await connection.run_sync(differences) == []
             version = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalar()
-            assert version == "0001"
+            # The newest migration file's revision, so a migration without a matching table
+            # change (or the reverse) is caught above.
+            assert version == max(path.name[:4] for path in (MIGRATIONS / "versions").glob("0*.py"))
     finally:
         await engine.dispose()
 
