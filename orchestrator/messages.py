@@ -25,6 +25,8 @@ REQUEST_ID = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 MAX_TAGS = 64
 # Only a `\uXXXX` escape can put a surrogate in decoded JSON (the body itself is valid UTF-8).
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)
+# JSON's literal names look like dataset ids, but a body that is one of them is a serialised JSON value.
+_JSON_LITERALS = frozenset({"null", "true", "false"})
 
 
 class InvalidMessage(ValueError):
@@ -62,6 +64,17 @@ def external_id_for(request_id: str) -> str:
 
 def parse_message(body: bytes, message_id: str) -> BatchRequest:
     """Turn a broker body into a request. `message_id` keys requests that carry no `requestId`."""
+    return request_from_json(message_object(body), message_id)
+
+
+def message_object(body: bytes) -> dict[str, Any]:
+    """The body as a JSON message object, not yet validated: a bare dataset id, or a JSON string,
+    becomes `{"datasetId": id}`. Raises `InvalidMessage` for a body that is neither an id nor an object.
+
+    A body that matches the dataset id pattern is that dataset id, even where it would also parse as a
+    JSON number (`12345`, `1e5`): dataset ids may be all digits. `null`, `true` and `false` are the
+    exception: they are JSON that a producer serialised by mistake, not ids, so they are rejected.
+    """
     if len(body) > MAX_MESSAGE_BYTES:
         raise InvalidMessage(f"message is {len(body)} bytes, over the {MAX_MESSAGE_BYTES} byte limit")
     try:
@@ -71,8 +84,8 @@ def parse_message(body: bytes, message_id: str) -> BatchRequest:
     stripped = text.strip()
     if not stripped:
         raise InvalidMessage("message is empty")
-    if DATASET_ID.fullmatch(stripped):
-        return BatchRequest(request_id=f"msg:{message_id}", dataset_id=stripped)
+    if DATASET_ID.fullmatch(stripped) and stripped not in _JSON_LITERALS:
+        return {"datasetId": stripped}
     try:
         data = json.loads(stripped)
         unicode = not _LONE_SURROGATE.search(stripped) or _is_text(data)
@@ -84,14 +97,14 @@ def parse_message(body: bytes, message_id: str) -> BatchRequest:
     if not unicode:
         # A `\ud800` escape is valid JSON but no Unicode text: it cannot be stored, logged or sent.
         raise InvalidMessage("message contains a lone surrogate escape (\\uD800-\\uDFFF), which is not text")
-    return request_from_json(data, message_id)
-
-
-def request_from_json(data: Any, message_id: str) -> BatchRequest:
     if isinstance(data, str):
-        return BatchRequest(request_id=f"msg:{message_id}", dataset_id=_dataset_id(data))
+        return {"datasetId": data}
     if not isinstance(data, dict):
-        raise InvalidMessage(f"expected a JSON object or a dataset id string, got {_type(data)}")
+        raise InvalidMessage(f"expected a JSON object or a dataset id, got {_type(data)}")
+    return data
+
+
+def request_from_json(data: dict[str, Any], message_id: str) -> BatchRequest:
     if "datasetId" not in data:
         raise InvalidMessage("datasetId is missing")
     dataset_id = _dataset_id(data["datasetId"])

@@ -7,12 +7,16 @@ error formatter never echoes an input value.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import tomllib
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import (
     AnyHttpUrl,
     BaseModel,
@@ -23,14 +27,17 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic_core import PydanticCustomError
 from pydantic_settings import (
     BaseSettings,
+    InitSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     SettingsError,
-    TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 # Adobe's own AEP connector asks IMS for exactly these scopes (reference §6.1).
 DEFAULT_SCOPES = (
@@ -44,14 +51,53 @@ DEFAULT_SCOPES = (
 # The current guardrail is 2000 batches per minute per user (reference §5.1): 33 a second stays under it.
 DEFAULT_RATE = 33
 
-# The TOML file of the load in progress; pydantic-settings reads it while building the sources.
-_toml_path: ContextVar[Path | None] = ContextVar("toml_path", default=None)
+# The TOML file's tables, read by `load_settings`; pydantic-settings takes them while building the sources.
+_toml_data: ContextVar[dict[str, Any] | None] = ContextVar("toml_data", default=None)
 
-PositiveFloat = Annotated[float, Field(gt=0)]
+PREFIX = "ORCH_"
+# ORCH_ variables that are not settings and have readers of their own: the TOML file's path (read by
+# `load_settings`), the CI script's shared directory and the tests' switches. Every other ORCH_ name
+# must be a setting, so that a misspelt one is an error instead of a silently ignored value.
+NOT_SETTINGS = frozenset({"ORCH_CONFIG", "ORCH_SHARED_DIR"})
+NOT_SETTINGS_PREFIXES = ("ORCH_TEST_",)
+
+# A day bounds every duration: longer is a mistake, and a larger number (or inf) overflows the datetime
+# and timer arithmetic that uses it (a lease's expiry, aiohttp's deadline) in the middle of a run.
+MAX_SECONDS = 86_400.0
+PositiveFloat = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: "inf" and "nan" parse as floats, and no setting means either.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _plain_http_base(value: AnyHttpUrl) -> AnyHttpUrl:
+    """A Platform or IMS base URL: credentials go in headers, and a query or fragment would be cut off
+    or mangled by the paths appended to it, so every call would fail."""
+    if value.username is not None or value.password is not None:
+        # PydanticCustomError's message is ours alone: the URL (with its password) is never echoed.
+        raise PydanticCustomError("url_userinfo", "must not contain a user name or password")
+    if value.query is not None or value.fragment is not None:
+        raise PydanticCustomError("url_query", "must not contain a query string (?…) or a fragment (#…)")
+    return value
+
+
+def _sqlite_file(value: str) -> str:
+    """An SQLite URL must name a file: an in-memory database vanishes with the command that opened it
+    (an `enqueue` would publish into nothing, a `run` would forget every record)."""
+    if value.split(":", 1)[0].split("+", 1)[0].lower() != "sqlite":
+        return value
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError("must be sqlite:///PATH (a file)") from None
+    database = url.database or ""
+    if not database or ":memory:" in database or url.query.get("mode") == "memory":
+        raise ValueError("must be sqlite:///PATH: an in-memory database is lost when the command exits")
+    if database.endswith("/"):
+        raise ValueError("must be sqlite:///PATH naming a file, not a directory")
+    return value
 
 
 class AepSettings(Section):
@@ -67,6 +113,8 @@ class AepSettings(Section):
     input_format: Literal["json", "parquet", "csv"] = "json"
     # `run --until-idle` gives up (exit 1) after this many seconds of refused credentials.
     credentials_wait: PositiveFloat = 300.0
+
+    _urls = field_validator("base_url", "ims_url")(_plain_http_base)
 
     @field_validator("scopes", mode="before")
     @classmethod
@@ -105,7 +153,7 @@ class QueueSettings(Section):
         scheme = value.split(":", 1)[0].lower()
         if scheme not in {"sqlite", "amqp", "amqps", "redis", "rediss", "nats", "tls"}:
             raise ValueError("must start with sqlite:///, amqp://, redis:// or nats://")
-        return value
+        return _sqlite_file(value)
 
 
 class StoreSettings(Section):
@@ -117,7 +165,7 @@ class StoreSettings(Section):
         scheme = value.split(":", 1)[0].split("+", 1)[0].lower()
         if scheme not in {"sqlite", "postgresql", "postgres"}:
             raise ValueError("must start with sqlite:/// or postgresql://")
-        return value
+        return _sqlite_file(value)
 
 
 class LimitSettings(Section):
@@ -150,7 +198,7 @@ class HttpSettings(Section):
 
 
 class ShutdownSettings(Section):
-    grace: float = Field(default=25.0, ge=0)
+    grace: float = Field(default=25.0, ge=0, le=MAX_SECONDS)
 
 
 class EventSettings(Section):
@@ -200,8 +248,9 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
-        if _toml_path.get() is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_toml_path.get()))
+        toml_data = _toml_data.get()
+        if toml_data is not None:
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=toml_data))
         return tuple(sources)
 
 
@@ -220,7 +269,74 @@ def _variable(loc: tuple[int | str, ...]) -> str:
         if not isinstance(part, str):
             break
         names.append(part.upper())
-    return "ORCH_" + "__".join(names)
+    return PREFIX + "__".join(names)
+
+
+def _problem(err: Mapping[str, Any]) -> str:
+    variable = _variable(err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{variable}: not a setting{_did_you_mean(variable)}"
+    # pydantic prefixes our validators' messages with "Value error, ", which tells a user nothing.
+    return f"{variable}: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _known_variables() -> list[str]:
+    names = []
+    for section, field in Settings.model_fields.items():
+        assert isinstance(field.annotation, type)  # every field of Settings is a Section
+        names += [f"{PREFIX}{section}__{name}".upper() for name in field.annotation.model_fields]
+    return names
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name.upper(), _known_variables(), n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _unknown_variables(names: Iterable[str], where: str) -> list[str]:
+    """ORCH_ names that are neither a setting nor one of NOT_SETTINGS: pydantic-settings reads only the
+    names it knows, so without this check a misspelt section (ORCH_LIMIT__RATE) is silently ignored."""
+    problems = []
+    for name in names:
+        upper = name.upper()
+        if not upper.startswith(PREFIX) or upper in NOT_SETTINGS or upper.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        section = upper[len(PREFIX) :].split("__", 1)[0].lower()
+        if section not in Settings.model_fields:
+            problems.append(f"{upper}: not a setting{_did_you_mean(upper)}{where}")
+    return problems
+
+
+def _dotenv_names() -> list[str]:
+    env_file = Settings.model_config.get("env_file")
+    if not isinstance(env_file, str) or not Path(env_file).is_file():
+        return []
+    return list(dotenv_values(env_file, encoding=Settings.model_config.get("env_file_encoding")))
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML file's tables; a file that cannot be read or parsed, or holds a table that is not a
+    section, is a problem naming the file (and the line, for a syntax error)."""
+    try:
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError([f"ORCH_CONFIG: cannot read {path}: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"ORCH_CONFIG: {path}: not UTF-8 text"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        # The message ends "(at line L, column C)"; it quotes no value, so no secret can leak.
+        raise ConfigError([f"ORCH_CONFIG: {path}: {exc}"]) from None
+    problems = []
+    for key in data:
+        if key not in Settings.model_fields:
+            close = difflib.get_close_matches(key, list(Settings.model_fields), n=1)
+            hint = f" (did you mean [{close[0]}]?)" if close else ""
+            sections = ", ".join(Settings.model_fields)
+            problems.append(f"ORCH_CONFIG: {path}: [{key}] is not a section{hint}; sections: {sections}")
+    if problems:
+        raise ConfigError(problems)
+    return data
 
 
 _SOURCE_FIELD = re.compile(r'field "([^"]+)"')
@@ -236,20 +352,19 @@ def _undecodable(exc: SettingsError) -> str:
 
 def load_settings(config_path: str | None = None, **overrides: Any) -> Settings:
     """Read settings; raise `ConfigError` naming each bad variable (never its value)."""
+    unknown = _unknown_variables(os.environ, "") + _unknown_variables(_dotenv_names(), ", in .env")
+    if unknown:
+        raise ConfigError(unknown)
     path_text = config_path or os.environ.get("ORCH_CONFIG")
     path = Path(path_text) if path_text else None
     if path is not None and not path.is_file():
         raise ConfigError([f"ORCH_CONFIG: no such file: {path}"])
-    token = _toml_path.set(path)
+    token = _toml_data.set(_read_toml(path) if path is not None else None)
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        raise ConfigError(
-            [f"{_variable(err['loc'])}: {err['msg']}" for err in exc.errors(include_input=False)]
-        ) from None
+        raise ConfigError([_problem(err) for err in exc.errors(include_input=False)]) from None
     except SettingsError as exc:
         raise ConfigError([_undecodable(exc)]) from None
-    except ValueError as exc:  # a TOML syntax error surfaces here
-        raise ConfigError([f"ORCH_CONFIG: {exc}"]) from None
     finally:
-        _toml_path.reset(token)
+        _toml_data.reset(token)

@@ -14,6 +14,7 @@ from orchestrator.messages import (
     BatchRequest,
     InvalidMessage,
     external_id_for,
+    message_object,
     parse_message,
 )
 
@@ -175,6 +176,60 @@ def test_tags_key_limit() -> None:
 )
 def test_invalid(raw: bytes, expected: str) -> None:
     assert expected in reason(raw)
+
+
+# --- bare tokens: a dataset id, or a JSON value that is neither an object nor a string ----------------
+
+
+@pytest.mark.parametrize("token", ["12345", "1e5", "0", "007", "NULL", "True", "nullx", "infinity"])
+def test_a_bare_token_of_the_dataset_id_pattern_is_that_dataset_id(token: str) -> None:
+    # All-digit ids are valid dataset ids, so `12345` is the dataset "12345", not the JSON number.
+    assert parse_message(token.encode(), "m") == BatchRequest(request_id="msg:m", dataset_id=token)
+    assert parse_message(f" {token}\r\n".encode(), "m").dataset_id == token
+    assert message_object(token.encode()) == {"datasetId": token}
+
+
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [
+        (b"null", "null"),
+        (b"true", "boolean"),
+        (b"false", "boolean"),
+        (b" null\n", "null"),
+        (b"[1]", "array"),
+        (b"-5", "number"),
+        (b"1.5", "number"),
+    ],
+)
+def test_a_json_value_that_is_neither_an_object_nor_a_string_is_rejected(raw: bytes, kind: str) -> None:
+    # `null`, `true` and `false` match the dataset id pattern, but they are what a producer sends when it
+    # serialises a missing value: a JSON value, not an id.
+    assert reason(raw) == f"expected a JSON object or a dataset id, got {kind}"
+    with pytest.raises(InvalidMessage):
+        message_object(raw)
+
+
+@pytest.mark.parametrize("value", ["12345", "null", DS])
+def test_a_json_string_is_a_dataset_id(value: str) -> None:
+    assert parse_message(body(value), "m") == BatchRequest(request_id="msg:m", dataset_id=value)
+
+
+@given(st.text(max_size=60))
+def test_message_object_is_what_parse_message_reads(text: str) -> None:
+    """`enqueue` builds its message from `message_object`; intake reads the same body with
+    `parse_message`. They must agree on which bodies are messages and on the dataset id."""
+    raw = text.encode("utf-8")
+    try:
+        message = message_object(raw)
+    except InvalidMessage:
+        with pytest.raises(InvalidMessage):
+            parse_message(raw, "m")
+        return
+    assert isinstance(message, dict)
+    request = check(raw)
+    if request is not None:
+        assert request.dataset_id == message["datasetId"]
+        assert check(json.dumps(message).encode()) == request
 
 
 def test_deeply_nested_json_is_rejected_not_a_crash() -> None:

@@ -10,6 +10,7 @@ from pydantic import SecretStr, ValidationError
 from orchestrator.settings import (
     DEFAULT_RATE,
     DEFAULT_SCOPES,
+    MAX_SECONDS,
     ConfigError,
     RetrySettings,
     Settings,
@@ -250,10 +251,64 @@ def test_empty_environment_values_are_unset(monkeypatch: pytest.MonkeyPatch) -> 
     assert s.limits.rate == DEFAULT_RATE
 
 
-def test_unrelated_orch_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("ORCH_TEST_REQUIRE_SERVICES", "1")
-    monkeypatch.setenv("ORCH_SOMETHING", "x")
+@pytest.mark.parametrize(
+    "variable", ["ORCH_TEST_REQUIRE_SERVICES", "ORCH_TEST_POSTGRES_URL", "orch_test_x", "ORCH_SHARED_DIR"]
+)
+def test_orch_variables_that_are_not_settings_are_allowed(
+    monkeypatch: pytest.MonkeyPatch, clean: Path, variable: str
+) -> None:
+    # Read by the tests and the CI script, not by the service.
+    monkeypatch.setenv(variable, "1")
+    (clean / ".env").write_text(f"{variable}=1\n")
     assert load_settings().limits.rate == DEFAULT_RATE
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggestion"),
+    [
+        ("ORCH_LIMIT__RATE", "ORCH_LIMITS__RATE"),  # a misspelt section
+        ("orch_limit__rate", "ORCH_LIMITS__RATE"),
+        ("ORCH_LIMITS_RATE", "ORCH_LIMITS__RATE"),  # one underscore
+        ("ORCH_AEP_TIMEOUT", "ORCH_AEP__TIMEOUT"),
+        ("ORCH_SOMETHING", None),
+        ("ORCH_CONFIGG", None),
+    ],
+)
+def test_an_unknown_orch_variable_is_named(
+    monkeypatch: pytest.MonkeyPatch, variable: str, suggestion: str | None
+) -> None:
+    monkeypatch.setenv(variable, "zq1value")
+    [line] = problems()
+    assert line.startswith(f"{variable.upper()}: not a setting")
+    assert "zq1value" not in line
+    if suggestion is not None:
+        assert f"did you mean {suggestion}?" in line
+
+
+def test_an_unknown_variable_in_dotenv_is_named(clean: Path) -> None:
+    (clean / ".env").write_text("ORCH_LIMITS__RATE=5\nORCH_LIMIT__RATE=zq1value\nOTHER_TOOL=1\n")
+    [line] = problems()
+    assert line.startswith("ORCH_LIMIT__RATE: not a setting")
+    assert ".env" in line
+    assert "zq1value" not in line
+
+
+def test_an_unknown_field_of_a_known_section_suggests_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_RETRY__MAX_ATTEMPT", "3")
+    assert problems() == ["ORCH_RETRY__MAX_ATTEMPT: not a setting (did you mean ORCH_RETRY__MAX_ATTEMPTS?)"]
+
+
+def test_an_unknown_toml_section_is_named(clean: Path) -> None:
+    (clean / "c.toml").write_text("[limitz]\nrate = 5\n[retry]\nmax_attempts = 2\n")
+    [line] = problems(str(clean / "c.toml"))
+    assert line.startswith(f"ORCH_CONFIG: {clean / 'c.toml'}: [limitz] is not a section")
+    assert "did you mean [limits]?" in line
+
+
+def test_an_unknown_field_in_a_toml_section_is_named(clean: Path) -> None:
+    (clean / "c.toml").write_text("[limits]\nratee = 5\n")
+    [line] = problems(str(clean / "c.toml"))
+    assert line.startswith("ORCH_LIMITS__RATEE: not a setting")
 
 
 # --- errors: one line per problem, naming the variable, never echoing a value ---------------------------
@@ -370,11 +425,18 @@ def test_a_section_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (load_settings().limits.rate, load_settings().limits.concurrency) == (3, 2)
 
 
-def test_toml_syntax_error(clean: Path) -> None:
-    (clean / "c.toml").write_text('[aep]\nclient_secret = "zq1secret\n')
+def test_toml_syntax_error_names_the_file_and_the_line(clean: Path) -> None:
+    (clean / "c.toml").write_text('[limits]\nrate = 5\n[aep]\nclient_secret = "zq1secret\n')
     [line] = problems(str(clean / "c.toml"))
-    assert line.startswith("ORCH_CONFIG: ")
+    assert line.startswith(f"ORCH_CONFIG: {clean / 'c.toml'}: ")
+    assert "line 4" in line
     assert "zq1secret" not in line
+
+
+def test_a_toml_file_that_is_not_utf8_is_named(clean: Path) -> None:
+    (clean / "c.toml").write_bytes(b"[limits]\nrate = 5 # \xff\n")
+    [line] = problems(str(clean / "c.toml"))
+    assert line == f"ORCH_CONFIG: {clean / 'c.toml'}: not UTF-8 text"
 
 
 def test_missing_config_file(monkeypatch: pytest.MonkeyPatch, clean: Path) -> None:
@@ -383,6 +445,107 @@ def test_missing_config_file(monkeypatch: pytest.MonkeyPatch, clean: Path) -> No
     monkeypatch.setenv("ORCH_CONFIG", str(clean / "missing.toml"))
     [line] = problems()
     assert line.startswith("ORCH_CONFIG: ")
+
+
+# --- numbers: finite and within a day -------------------------------------------------------------------
+
+
+def _float_settings() -> list[str]:
+    """Every float setting's variable, found from the models so that a new one is covered too."""
+    names = []
+    for section, field in Settings.model_fields.items():
+        assert isinstance(field.annotation, type)
+        for name, info in field.annotation.model_fields.items():
+            if info.annotation is float:
+                names.append(f"ORCH_{section}__{name}".upper())
+    return names
+
+
+def test_the_float_settings_are_found() -> None:
+    assert {"ORCH_AEP__TIMEOUT", "ORCH_LIMITS__PERIOD", "ORCH_SHUTDOWN__GRACE"} <= set(_float_settings())
+
+
+@pytest.mark.parametrize("variable", _float_settings())
+@pytest.mark.parametrize("raw", ["inf", "-inf", "nan", "Infinity", "1e309"])
+def test_non_finite_numbers_are_rejected(monkeypatch: pytest.MonkeyPatch, variable: str, raw: str) -> None:
+    # `inf` parses as a float: ORCH_AEP__TIMEOUT=inf crashed the first call, ORCH_LIMITS__PERIOD=inf
+    # stalled the service without a word.
+    monkeypatch.setenv(variable, raw)
+    [line] = problems()
+    assert line.startswith(f"{variable}: ")
+
+
+@pytest.mark.parametrize("variable", _float_settings())
+def test_durations_are_at_most_a_day(monkeypatch: pytest.MonkeyPatch, variable: str) -> None:
+    # 1e12 seconds overflowed a lease's expiry in the middle of a run.
+    monkeypatch.setenv(variable, "1e12")
+    [line] = problems()
+    prefix = f"{variable}: Input should be less than or equal to "
+    assert line.startswith(prefix)
+    assert 0 < float(line.removeprefix(prefix)) <= MAX_SECONDS
+
+
+def test_a_non_finite_number_in_toml(clean: Path) -> None:
+    (clean / "c.toml").write_text("[limits]\nperiod = inf\n[aep]\ntimeout = nan\n")
+    assert sorted(line.split(":")[0] for line in problems(str(clean / "c.toml"))) == [
+        "ORCH_AEP__TIMEOUT",
+        "ORCH_LIMITS__PERIOD",
+    ]
+
+
+# --- the queue and the store are files ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["ORCH_QUEUE__URL", "ORCH_STORE__URL"])
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite://", "sqlite:///:memory:", "sqlite:///file:zq1?mode=memory&uri=true", "sqlite:///", "sqlite:"],
+)
+def test_an_in_memory_queue_or_store_is_rejected(
+    monkeypatch: pytest.MonkeyPatch, variable: str, url: str
+) -> None:
+    # An in-memory queue took `enqueue`'s messages and lost them when the command exited.
+    monkeypatch.setenv(variable, url)
+    [line] = problems()
+    assert line.startswith(f"{variable}: must be sqlite:///PATH")
+
+
+@pytest.mark.parametrize("url", ["sqlite:///x.db", "sqlite:////abs/dir/x.db", "sqlite:///var/q.db"])
+def test_sqlite_files_are_accepted(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("ORCH_QUEUE__URL", url)
+    monkeypatch.setenv("ORCH_STORE__URL", url)
+    settings = load_settings()
+    assert (settings.queue.url, settings.store.url) == (url, url)
+
+
+# --- AEP base URLs ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["ORCH_AEP__BASE_URL", "ORCH_AEP__IMS_URL"])
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("https://zq1user:zq1pass@aep.example.test", "user name or password"),
+        ("https://zq1user@aep.example.test", "user name or password"),
+        ("https://:zq1pass@aep.example.test", "user name or password"),
+        ("https://aep.example.test/?zq1=1", "query string"),
+        ("https://aep.example.test/#zq1", "fragment"),
+    ],
+)
+def test_a_base_url_with_credentials_a_query_or_a_fragment_is_rejected(
+    monkeypatch: pytest.MonkeyPatch, variable: str, url: str, says: str
+) -> None:
+    # Every call would have failed: credentials go in headers, and paths are appended to the base.
+    monkeypatch.setenv(variable, url)
+    [line] = problems()
+    assert line.startswith(f"{variable}: must not contain")
+    assert says in line
+    assert "zq1" not in line
+
+
+def test_a_base_url_with_a_path_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ORCH_AEP__BASE_URL", "https://proxy.example.test/aep")
+    assert str(load_settings().aep.base_url) == "https://proxy.example.test/aep"
 
 
 # --- secrets ----------------------------------------------------------------------------------------------
