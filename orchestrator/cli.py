@@ -9,21 +9,49 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TextIO
+from importlib import metadata
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from orchestrator import logs
 from orchestrator.messages import (
     INPUT_FORMATS,
     InvalidMessage,
+    message_object,
     parse_input_format,
     parse_message,
+    request_from_json,
 )
 from orchestrator.settings import ConfigError, Settings, load_settings
-from orchestrator.store.base import State
+from orchestrator.store.base import BatchRecord, State
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+DISTRIBUTION = "aep-orchestrator"
+CONFIG_HELP = "a TOML settings file (or ORCH_CONFIG)"
+
+
+def version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (a count or a limit of 0 or less means nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,17 +61,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="orchestrator",
         description="Turns a stream of dataset ids into Adobe Experience Platform batches.",
     )
-    parser.add_argument("--config", metavar="PATH", help="a TOML settings file (or ORCH_CONFIG)")
+    parser.add_argument("--version", action="version", version=f"orchestrator {version()}")
+    parser.add_argument("--config", metavar="PATH", help=CONFIG_HELP)
+    # `--config` after the command too (`orchestrator run --config x.toml`). SUPPRESS: a command that is
+    # not given it leaves the value given before the command in place.
+    config_after = argparse.ArgumentParser(add_help=False)
+    config_after.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run the service")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = commands.add_parser(name, help=help_text, parents=[config_after])
+        return sub
+
+    run = command("run", "run the service")
     run.add_argument(
         "--until-idle",
         action="store_true",
         help="exit 0 once the queue is empty and no request waits for a call or a retry",
     )
 
-    enqueue = commands.add_parser("enqueue", help="publish requests to the configured queue")
+    enqueue = command("enqueue", "publish requests to the configured queue")
     enqueue.add_argument("dataset_ids", nargs="*", metavar="DATASET_ID")
     enqueue.add_argument(
         "--file", metavar="PATH", help="one dataset id or JSON message per line; - for stdin"
@@ -56,21 +93,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="inputFormat.format for messages that give none",
     )
 
-    batches = commands.add_parser("batches", help="list the recorded requests")
+    batches = command("batches", "list the recorded requests")
     batches.add_argument("--state", choices=[state.value for state in State])
     batches.add_argument("--dataset", metavar="ID")
-    batches.add_argument("--limit", type=int, metavar="N", help="at most N records")
+    batches.add_argument("--limit", type=positive_int, metavar="N", help="at most N records")
     batches.add_argument("--json", action="store_true", help="one JSON object per line")
 
-    simulate = commands.add_parser("simulate", help="run the local AEP + IMS simulator")
+    simulate = command("simulate", "run the local AEP + IMS simulator")
     simulator.add_arguments(simulate)
 
-    demo = commands.add_parser("demo", help="end to end on the embedded defaults against the simulator")
-    demo.add_argument("--count", type=int, default=300, help="how many requests to enqueue (default 300)")
+    demo = command("demo", "end to end on the embedded defaults against the simulator")
+    demo.add_argument(
+        "--count", type=positive_int, default=300, help="how many requests to enqueue (default 300)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a reader that went away shows here when the output fitted in the buffer
+    except BrokenPipeError:
+        # The reader closed the pipe (`batches --json | head -1`): it has what it wanted, and there is no
+        # one left to tell. stdout goes to devnull so the interpreter's own flush at exit cannot raise the
+        # same error again (the recipe of the Python docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILURE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings(args.config)
@@ -94,9 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _usage_error(exc.problems)
     except KeyboardInterrupt:
         return EXIT_FAILURE
+    except BrokenPipeError:
+        raise  # not a failure of the command: `main` ends quietly
     except Exception as exc:  # noqa: BLE001 - a runtime failure is one line for the user, not a traceback
         logs.get("cli").debug("cli.failed", exc_info=exc)
-        print(f"orchestrator: {args.command} failed: {type(exc).__name__}: {exc}"[:1000], file=sys.stderr)
+        message = f"orchestrator: {args.command} failed: {type(exc).__name__}: {exc}"[:1000]
+        print(logs.escape_controls(message), file=sys.stderr)
         return EXIT_FAILURE
 
 
@@ -136,38 +192,36 @@ def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_FAILURE if rejected else EXIT_OK
 
 
-def _input_lines(args: argparse.Namespace) -> Iterator[tuple[str, str]]:
+def _input_lines(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]:
+    """Each input as the bytes a producer would send: undecodable text is then named like any other
+    invalid line, by `message_body`, instead of failing the whole input."""
     for index, dataset_id in enumerate(args.dataset_ids, start=1):
-        yield f"argument {index}", dataset_id
+        yield f"argument {index}", os.fsencode(dataset_id)  # the argument's bytes, as the shell gave them
     if args.file is None:
         return
     if args.file == "-":
-        yield from _numbered(sys.stdin)
+        yield from _numbered(sys.stdin.buffer)
         return
     try:
-        with open(args.file, encoding="utf-8") as handle:
+        with open(args.file, "rb") as handle:
             yield from _numbered(handle)
     except OSError as exc:
         raise ConfigError([f"--file: cannot read {args.file}: {exc.strerror}"]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([f"--file: {args.file} is not UTF-8 text"]) from None
 
 
-def _numbered(handle: TextIO) -> Iterator[tuple[str, str]]:
+def _numbered(handle: IO[bytes]) -> Iterator[tuple[str, bytes]]:
     for number, line in enumerate(handle, start=1):
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")  # the byte order mark some editors write
         if line.strip():
             yield f"line {number}", line.strip()
 
 
-def message_body(text: str, *, request_id: str | None = None, input_format: str | None = None) -> bytes:
+def message_body(raw: bytes, *, request_id: str | None = None, input_format: str | None = None) -> bytes:
     """Validate one input line (a bare dataset id or a JSON message) the way intake will, and turn it
     into the JSON message to publish."""
-    parse_message(text.encode("utf-8"), "enqueue")
-    try:
-        data: Any = json.loads(text)
-    except json.JSONDecodeError:
-        data = text  # a bare dataset id, already validated
-    message: dict[str, Any] = {"datasetId": data} if isinstance(data, str) else dict(data)
+    message = message_object(raw)
+    request_from_json(message, "enqueue")
     if request_id is not None:
         message["requestId"] = request_id
     if input_format is not None and "inputFormat" not in message:
@@ -194,6 +248,7 @@ async def _publish(settings: Settings, bodies: list[bytes]) -> int:
 async def _batches(settings: Settings, args: argparse.Namespace) -> int:
     from orchestrator.store.sql import SqlBatchStore
 
+    _require_store(settings.store.url)
     store = SqlBatchStore(settings.store.url)
     await store.open()
     try:
@@ -207,23 +262,80 @@ async def _batches(settings: Settings, args: argparse.Namespace) -> int:
             out.write(json.dumps(record.to_json()) + "\n")
         return EXIT_OK
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table("request", "dataset", "state", "batch", "status", "attempts", "updated", "last error")
-    for column in table.columns[:7]:
-        column.no_wrap = True
-    for record in records:
-        row = record.to_json()
-        table.add_row(
-            *(str(row[key] or "") for key in ("requestId", "datasetId", "state", "batchId", "batchStatus")),
-            str(record.attempts),
-            str(row["updatedAt"]),
-            (record.last_error or "")[:60],
-        )
     # Piped output has no terminal width to fit: keep rows whole rather than cut at 80 columns.
-    Console(width=None if sys.stdout.isatty() else 240).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 240)
+    console.print(batches_table(records, console.width))
     print(f"{len(records)} records")
     return EXIT_OK
+
+
+def _require_store(url: str) -> None:
+    """A read command must find the store, not create an empty one where a mistyped path points."""
+    from orchestrator.store.engine import async_url
+
+    target = async_url(url)
+    if target.get_backend_name() == "sqlite" and not Path(target.database or "").is_file():
+        raise ConfigError([f"ORCH_STORE__URL: no store at {target.database} (`orchestrator run` creates it)"])
+
+
+# When the terminal is too narrow for whole ids on one line, request ids fold at 19 columns and batch
+# ids at 16: two lines hold a `msg:` request id (36 characters) or a batch id (32), and leave the error
+# column room to wrap. Below 110 columns the update time goes too (`--json` has it).
+NARROW_REQUEST, NARROW_BATCH, WITH_UPDATED = 19, 16, 110
+ERROR_CHARS = 300  # the table shows this much of an error; `--json` has all of it
+
+
+def batches_table(records: Sequence[BatchRecord], width: int) -> Table:
+    """The records as a table that fits `width` columns without cutting a dataset id or a state: each
+    record takes two lines (attempts under the state, AEP's status under the batch id, the time under
+    the date), ids fold and errors wrap when the terminal is narrow. Other people's text (request ids,
+    errors) is shown with its control characters escaped, and never read as markup."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    def cell(first: str | None, second: str | None = None) -> Text:
+        text = Text(logs.escape_controls(first or ""))
+        if second:
+            text.append("\n" + logs.escape_controls(second), style="dim")
+        return text
+
+    rows = []
+    for record in records:
+        error = record.last_error or ""
+        updated = record.updated_at  # UTC, as the store keeps every time
+        tries = f"{record.attempts} {'try' if record.attempts == 1 else 'tries'}" if record.attempts else ""
+        rows.append(
+            [
+                cell(record.request_id),
+                cell(record.dataset_id),
+                cell(record.state.value, tries),
+                cell(record.batch_id, record.batch_status),
+                cell(f"{updated:%Y-%m-%d}", f"{updated:%H:%M:%S}Z"),
+                cell(error if len(error) <= ERROR_CHARS else error[: ERROR_CHARS - 1] + "…"),
+            ]
+        )
+    headers = ("request", "dataset", "state", "batch", "updated", "last error")
+    widths = [
+        max([len(header)] + [len(line) for row in rows for line in row[index].plain.split("\n")])
+        for index, header in enumerate(headers)
+    ]
+    # Two columns between cells, and up to 40 for the error to start on the same line.
+    narrow = sum(widths[:5]) + 2 * 5 + min(widths[5], 40) > width
+    with_updated = not narrow or width >= WITH_UPDATED
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    # A fixed width (not a maximum) keeps rich from squeezing the ids before the error when it fits.
+    table.add_column(headers[0], overflow="fold", width=min(widths[0], NARROW_REQUEST) if narrow else None)
+    table.add_column(headers[1], no_wrap=True, overflow="fold")
+    table.add_column(headers[2], no_wrap=True)
+    table.add_column(headers[3], overflow="fold", width=min(widths[3], NARROW_BATCH) if narrow else None)
+    if with_updated:
+        table.add_column(headers[4], no_wrap=True)
+    table.add_column(headers[5], overflow="fold")
+    for row in rows:
+        table.add_row(*(row if with_updated else row[:4] + row[5:]))
+    return table
 
 
 # -- simulate ----------------------------------------------------------------------------------

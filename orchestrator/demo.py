@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import shlex
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import AnyHttpUrl, SecretStr
@@ -26,6 +29,7 @@ from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
 
 DEMO_DIR = Path("var/demo")
+Which = Callable[[str], str | None]  # shutil.which's shape: where PATH finds a command, if anywhere
 
 
 def dataset_id(index: int) -> str:
@@ -33,7 +37,10 @@ def dataset_id(index: int) -> str:
 
 
 def demo_messages(count: int) -> list[bytes]:
-    """Bare ids, JSON messages with requestIds and formats, and one request sent twice."""
+    """Bare ids, JSON messages with requestIds and formats, and (given two or more) one request sent
+    twice: the second message, the first with a requestId."""
+    if count < 1:
+        raise ValueError("the demo needs at least one request")
     bodies: list[bytes] = []
     for index in range(count):
         if index % 3 == 0:
@@ -46,8 +53,35 @@ def demo_messages(count: int) -> list[bytes]:
                 "tags": {"source": ["demo"]},
             }
             bodies.append(json.dumps(message).encode())
-    bodies.append(bodies[1])  # the same request again: still one batch
+    if count > 1:
+        bodies.append(bodies[1])  # the same request again: still one batch
     return bodies
+
+
+def command_name(
+    argv0: str | None = None,
+    executable: str | None = None,
+    which: Which = shutil.which,
+) -> str:
+    """How the user can run `orchestrator` again from here: the bare name when that is what PATH finds,
+    else the path that was run (`.venv/bin/orchestrator` after `make demo`), or `python -m orchestrator`."""
+    script = Path(argv0 or sys.argv[0])
+    if script.name == "__main__.py":  # python -m orchestrator
+        return f"{_shown(Path(executable or sys.executable))} -m orchestrator"
+    found = which(script.name)
+    if found is not None and Path(found).resolve() == script.resolve():
+        return script.name
+    return _shown(script)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it is inside it, quoted for a shell."""
+    absolute = path.absolute()
+    try:
+        shown = str(absolute.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(absolute)
+    return shlex.quote(shown if "/" in shown else f"./{shown}")
 
 
 def _fresh_directory(path: Path) -> None:
@@ -85,7 +119,8 @@ async def _demo(base: Settings, count: int) -> int:
                 await queue.close()
             console.print(
                 f"[bold]Simulator[/] at {url}; enqueued {len(bodies)} messages "
-                f"({count} distinct requests, one sent twice); rate {settings.limits.rate}/"
+                f"({count} distinct requests{', one sent twice' if len(bodies) > count else ''}); "
+                f"rate {settings.limits.rate}/"
                 f"{settings.limits.period:g}s"
             )
             started = time.monotonic()
@@ -150,9 +185,11 @@ async def _summary(
         f"{stats.tokens_issued} token fetched; "
         f"{sum(stats.faults.values())} faults injected and recovered from"
     )
+    # soft_wrap: a command broken over two lines cannot be copied and pasted.
     console.print(
-        f"Records: ORCH_STORE__URL=sqlite:///{DEMO_DIR}/orchestrator.db orchestrator batches\n"
-        f"Logs:    {log_path}"
+        f"Records: ORCH_STORE__URL=sqlite:///{DEMO_DIR}/orchestrator.db {command_name()} batches\n"
+        f"Logs:    {log_path}",
+        soft_wrap=True,
     )
     ok = code == 0 and created == len(stats.batches) and duplicates == 0
     return 0 if ok else 1

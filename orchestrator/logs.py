@@ -9,6 +9,7 @@ tokens in the first place.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -16,6 +17,34 @@ from typing import Any, TextIO
 import structlog
 
 SECRET_KEYS = frozenset({"token", "access_token", "client_secret", "authorization", "password", "secret"})
+
+# Characters a terminal acts on instead of showing: C0 and C1 controls (ESC starts colour and cursor
+# sequences), DEL, the line and paragraph separators, and the bidirectional formatting characters, which
+# reorder the text around them ("Trojan Source"). Request ids, AEP's error texts and broker bodies are
+# other people's text; a log line or a table row must show them, not obey them.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_controls(text: str, keep: str = "") -> str:
+    """`text` with every unsafe character (but those in `keep`) written as a `\\x1b` or `\\u202e` escape."""
+
+    def escaped(match: re.Match[str]) -> str:
+        char = match.group()
+        if char in keep:
+            return char
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+    return _UNSAFE.sub(escaped, text)
+
+
+def _escape_for_terminal(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    # Strings only: the console renderer shows every other value with repr(), which escapes already.
+    for key, value in event.items():
+        if isinstance(value, str):
+            # A traceback keeps its line breaks and indentation; nothing else may break a line.
+            event[key] = escape_controls(value, keep="\n\t" if key == "exception" else "")
+    return event
 
 
 def _mask_secrets(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -32,11 +61,16 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
         structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
         _mask_secrets,
     ]
-    renderer: structlog.types.Processor
+    renderers: list[structlog.types.Processor]
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+        renderers = [
+            _escape_for_terminal,
+            structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty()),
+        ]
     else:
-        renderer = structlog.processors.JSONRenderer()
+        # ensure_ascii (json.dumps' default, stated here because it matters): every control, C1 and bidi
+        # character leaves as a \uXXXX escape, so the line is safe on a terminal and still round-trips.
+        renderers = [structlog.processors.JSONRenderer(ensure_ascii=True)]
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
@@ -44,7 +78,7 @@ def configure(fmt: str = "json", level: str = "info", stream: TextIO | None = No
             processors=[
                 structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                 structlog.processors.format_exc_info,
-                renderer,
+                *renderers,
             ],
         )
     )
