@@ -37,8 +37,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check orchestrator tests bench
 	$(BIN)/mypy
 
+# Results go to var/bench/RESULTS.md (untracked); `make bench BENCH_OUT=bench/RESULTS.md` updates the record.
+BENCH_OUT ?= var/bench/RESULTS.md
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py --out $(BENCH_OUT)
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

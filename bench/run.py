@@ -11,6 +11,10 @@ concurrency, no rate limiter, blind retries of 429/5xx/lost connections after 2*
 
     .venv/bin/python bench/run.py            # the full set (about 2 minutes on 2 cores)
     .venv/bin/python bench/run.py --quick    # a third of the requests, a smoke test
+
+The results go to var/bench/RESULTS.md (untracked), so a run leaves the working tree clean. The tracked
+record, bench/RESULTS.md, changes only when asked: `make bench BENCH_OUT=bench/RESULTS.md` (or
+`--out bench/RESULTS.md`); the text above its marker line is kept.
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
+RECORD = HERE / "RESULTS.md"  # the tracked record, rewritten only with --out bench/RESULTS.md
+RESULTS = HERE.parent / "var" / "bench" / "RESULTS.md"  # where a run writes by default (var/ is ignored)
 MARKER = "<!-- Everything below this line is written by bench/run.py; edit above it. -->"
 
 CLIENT_ID = "sim-client"
@@ -559,13 +564,38 @@ def details(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
+def write_results(text: str, path: Path) -> None:
+    """Write the report below the marker line of `path`, keeping what is above it (or a default header
+    for a new file)."""
     header = DEFAULT_HEADER
-    if RESULTS.exists():
-        existing = RESULTS.read_text(encoding="utf-8")
+    if path.exists():
+        existing = path.read_text(encoding="utf-8")
         if MARKER in existing:
             header = existing.split(MARKER, 1)[0].rstrip() + "\n"
-    RESULTS.write_text(f"{header}\n{MARKER}\n\n{text}\n", encoding="utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{header}\n{MARKER}\n\n{text}\n", encoding="utf-8")
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a third of the requests (smoke test)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        metavar="PATH",
+        help=f"where the results go (default {_shown(RESULTS)}; {_shown(RECORD)} updates the tracked record)",
+    )
+    parser.add_argument("--no-write", action="store_true", help="print the results only")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a gated scenario misses the bar")
+    return parser.parse_args(argv)
 
 
 def _interrupted(signum: int, frame: object) -> None:
@@ -575,11 +605,7 @@ def _interrupted(signum: int, frame: object) -> None:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["naive"]:
         return naive_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a third of the requests (smoke test)")
-    parser.add_argument("--no-write", action="store_true", help=f"do not rewrite {RESULTS.name}")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when a gated scenario misses the bar")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
 
     # SIGTERM (and SIGINT, even where a shell started us with it ignored) unwind through the finally
     # blocks that stop the simulator and the client under test.
@@ -635,8 +661,8 @@ def main(argv: list[str]) -> int:
     print()
     print(report)
     if not args.no_write:
-        write_results(report)
-        print(f"\nwritten to {RESULTS.relative_to(HERE.parent)}")
+        write_results(report, args.out)
+        print(f"\nwritten to {_shown(args.out)}")
     missed = [o for o in outcomes if o.client == "orchestrator" and o.scenario.gated and o.shortfalls()]
     return 1 if args.strict and missed else 0
 

@@ -1,0 +1,55 @@
+"""Where `make bench` writes its results: an ignored file by default, the tracked record only on request."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_run_writes_to_an_ignored_file_by_default(bench: ModuleType) -> None:
+    # `make bench` rewrote the tracked bench/RESULTS.md on every run.
+    out = bench.parse_args([]).out
+    assert out == ROOT / "var" / "bench" / "RESULTS.md"
+    assert "var/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert out != bench.RECORD
+    assert bench.RECORD == ROOT / "bench" / "RESULTS.md"
+
+
+def test_the_record_is_written_only_when_named(bench: ModuleType) -> None:
+    assert bench.parse_args(["--out", "bench/RESULTS.md", "--quick"]).out == Path("bench/RESULTS.md")
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "var/bench/RESULTS.md"), ("bench/RESULTS.md", None)])
+def test_make_bench_passes_the_output(given: str | None, expected: str | None) -> None:
+    command = ["make", "-n", "-C", str(ROOT), "bench"] + ([f"BENCH_OUT={given}"] if given else [])
+    dry_run = subprocess.run(command, capture_output=True, text=True, check=True, timeout=30)  # noqa: S603
+    [line] = [line for line in dry_run.stdout.splitlines() if "bench/run.py" in line]
+    assert line.endswith(f"bench/run.py --out {expected or given}")
+
+
+def test_write_results_keeps_the_text_above_the_marker(bench: ModuleType, tmp_path: Path) -> None:
+    fresh = tmp_path / "new" / "dir" / "RESULTS.md"
+    bench.write_results("## Run 1", fresh)
+    assert fresh.read_text() == f"{bench.DEFAULT_HEADER}\n{bench.MARKER}\n\n## Run 1\n"
+
+    fresh.write_text(f"# My notes\n\nkept\n{bench.MARKER}\n\n## Run 1\n")
+    bench.write_results("## Run 2", fresh)
+    assert fresh.read_text() == f"# My notes\n\nkept\n\n{bench.MARKER}\n\n## Run 2\n"
