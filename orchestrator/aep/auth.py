@@ -16,7 +16,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from orchestrator import logs
-from orchestrator.aep.errors import AuthError
+from orchestrator.aep.errors import AepHttpError, AuthError
 from orchestrator.clock import Clock
 from orchestrator.settings import AepSettings
 
@@ -38,7 +38,9 @@ class TokenProvider(Protocol):
         """A new token after AEP refused `stale` with a 401.
 
         Fetches only while `stale` is still the current token, so a wave of concurrent 401s costs
-        one IMS call; a caller whose token was already replaced gets the replacement.
+        one IMS call; a caller whose token was already replaced gets the replacement. A `fixed`
+        provider has no other token: it notes the refusal and returns `stale`, which the caller
+        must not replay.
         """
 
     @property
@@ -54,33 +56,83 @@ class TokenProvider(Protocol):
         """True when the token cannot be refreshed, so replaying a call after a 401 is pointless."""
 
 
-class StaticToken:
-    """`ORCH_AEP__ACCESS_TOKEN`: a token someone fetched by hand. It cannot be refreshed; when AEP
-    refuses it, the 401 is the answer."""
+class TokenRefused(AuthError, AepHttpError):
+    """AEP answered 401 to a token that cannot be replaced (`ORCH_AEP__ACCESS_TOKEN`).
 
-    def __init__(self, secret: SecretStr) -> None:
+    An HTTP answer of the endpoint that was called (so an `AepHttpError`, with AEP's error code and
+    message), and a credentials problem (so an `AuthError`): the request waits for credentials
+    instead of spending its attempts on a token that will be refused every time."""
+
+    def __init__(
+        self, message: str, *, endpoint: str, error_code: str | None = None, detail: str | None = None
+    ) -> None:
+        super().__init__(message, status=401, permanent=True, error_code=error_code, detail=detail)
+        self.endpoint = endpoint
+
+
+def _refused_fixed_token() -> TokenRefused:
+    return TokenRefused(
+        "refused by AEP; a fixed token cannot be refreshed: set a valid one and restart",
+        endpoint="ORCH_AEP__ACCESS_TOKEN",
+    )
+
+
+class StaticToken:
+    """`ORCH_AEP__ACCESS_TOKEN`: a token someone fetched by hand. It cannot be refreshed, so when AEP
+    refuses it the credentials are at fault, not the request: the refusal is remembered and every
+    call is held back (`token()` raises it) for a backoff, after which calls may probe again."""
+
+    def __init__(self, secret: SecretStr, clock: Clock, rng: random.Random | None = None) -> None:
         self._secret = secret
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._refusals = 0  # refusals in a row, each after its backoff had passed
+        self._retry_at = 0.0  # monotonic: no call before this after a refusal
 
     async def token(self) -> str:
         value = self._secret.get_secret_value()
         if not value:
             raise AuthError("ORCH_AEP__ACCESS_TOKEN is empty", permanent=True)
+        if self._backing_off():
+            raise _refused_fixed_token()
         return value
 
     async def refresh(self, stale: str) -> str:
-        return await self.token()
+        """AEP refused the token. The 401s of the calls that were in flight together count once;
+        a refusal after the backoff (a probe) starts the next one."""
+        if not self._backing_off():
+            self._refusals += 1
+            # A refused fixed token stays refused until an operator replaces it (and restarts):
+            # probed at the cap, like credentials IMS refused.
+            delay = backoff_delay(self._refusals, self._rng, permanent=True)
+            self._retry_at = self._clock.monotonic() + delay
+            log.error(
+                "auth.token_failed",
+                status=401,
+                error=_refused_fixed_token().summary(),
+                permanent=True,
+                retry_in=round(delay, 3),
+            )
+        return stale
 
     @property
     def ready(self) -> bool:
-        return bool(self._secret.get_secret_value())
+        return self.problem is None
 
     @property
     def problem(self) -> str | None:
-        return None if self.ready else "ORCH_AEP__ACCESS_TOKEN is empty"
+        if not self._secret.get_secret_value():
+            return "ORCH_AEP__ACCESS_TOKEN is empty"
+        if self._backing_off():
+            return _refused_fixed_token().summary()
+        return None
 
     @property
     def fixed(self) -> bool:
         return True
+
+    def _backing_off(self) -> bool:
+        return self._refusals > 0 and self._clock.monotonic() < self._retry_at
 
 
 def refresh_margin(lifetime: float) -> float:
@@ -318,7 +370,7 @@ def _retry_after_seconds(header: str | None) -> float:
 def token_provider(settings: AepSettings, session: aiohttp.ClientSession, clock: Clock) -> TokenProvider:
     """The fixed token when `ORCH_AEP__ACCESS_TOKEN` is set, IMS client credentials otherwise."""
     if settings.access_token is not None:
-        return StaticToken(settings.access_token)
+        return StaticToken(settings.access_token, clock)
     return ImsTokenProvider(settings, session, clock)
 
 

@@ -219,7 +219,6 @@ class AepClient:
                     endpoint=endpoint,
                     error_code=code,
                     detail=detail,
-                    retry_after=reply.retry_after,
                 )
             reply, _ = await self._send(endpoint, method, url, params, body)
         return reply

@@ -28,7 +28,7 @@ from orchestrator.settings import RetrySettings
 class Action(enum.StrEnum):
     RETRY = "retry"
     FINAL = "final"
-    # IMS gave no token: the request is not at fault, so it is released (not failed, no attempt used).
+    # No usable token: the request is not at fault, so it is released (not failed, no attempt used).
     WAIT_FOR_CREDENTIALS = "wait_for_credentials"
 
 
@@ -103,8 +103,9 @@ UNEXPECTED_STATUS_RULE = Rule(_R, ambiguous=True, why="unexpected status")
 
 # Failures without a status, checked in order (first isinstance match wins; subclasses first).
 EXCEPTION_RULES: tuple[tuple[type[BaseException], Rule], ...] = (
-    # IMS is down or refuses the credentials: no AEP call was made. Not a request failure.
-    (AuthError, Rule(Action.WAIT_FOR_CREDENTIALS, why="no token from IMS")),
+    # IMS is down or refuses the credentials (no AEP call was made), or AEP refused a fixed token
+    # (ORCH_AEP__ACCESS_TOKEN, which cannot be refreshed): not a request failure.
+    (AuthError, Rule(Action.WAIT_FOR_CREDENTIALS, why="no usable token")),
     # The call may have reached AEP (ambiguous unless `maybe_sent` is False).
     (AepTimeout, Rule(_R, ambiguous=True, why="timed out")),
     # Refused or dropped connection; `maybe_sent=False` (never connected) makes it unambiguous.

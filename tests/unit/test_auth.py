@@ -14,16 +14,21 @@ from pydantic import SecretStr
 from yarl import URL
 
 from orchestrator.aep.auth import (
+    BACKOFF_CAP,
     ImsTokenProvider,
     StaticToken,
     TokenProvider,
+    TokenRefused,
     backoff_delay,
     refresh_margin,
     token_provider,
 )
+from orchestrator.aep.client import AepClient
 from orchestrator.aep.errors import AuthError
 from orchestrator.clock import ManualClock
-from orchestrator.settings import AepSettings
+from orchestrator.messages import BatchRequest
+from orchestrator.pipeline.retry import RetryBudget, RetryPolicy
+from orchestrator.settings import AepSettings, RetrySettings
 from tests.unit.fakes import IMS_URL, SECRET, aep_settings
 
 TOKEN = "eyJ-token-one-SENSITIVE"
@@ -348,16 +353,80 @@ async def test_secrets_never_reach_logs_or_errors(
         assert TOKEN not in text
 
 
-async def test_static_token_cannot_be_refreshed() -> None:
-    static = StaticToken(SecretStr("fixed-token"))
+async def test_static_token_is_handed_out_as_it_is(clock: ManualClock) -> None:
+    static = StaticToken(SecretStr("fixed-token"), clock)
 
     assert await static.token() == "fixed-token"
-    assert await static.refresh("fixed-token") == "fixed-token"
     assert static.fixed
     assert static.ready
     assert static.problem is None
     with pytest.raises(AuthError):
-        await StaticToken(SecretStr("")).token()
+        await StaticToken(SecretStr(""), clock).token()
+
+
+async def test_a_refused_static_token_holds_calls_back_then_lets_one_probe(
+    clock: ManualClock, log_output: io.StringIO
+) -> None:
+    static = StaticToken(SecretStr("fixed-token"), clock)
+
+    assert await static.refresh("fixed-token") == "fixed-token"  # no other token to give
+    with pytest.raises(TokenRefused) as caught:
+        await static.token()
+    assert isinstance(caught.value, AuthError)
+    assert caught.value.permanent
+    assert not static.ready
+    assert "ORCH_AEP__ACCESS_TOKEN" in (static.problem or "")
+    # The other calls that were in flight with it are refused too: one refusal, one backoff.
+    assert BACKOFF_CAP == 60
+    clock.advance(30)
+    await static.refresh("fixed-token")
+    clock.advance(29.5)
+    with pytest.raises(AuthError):
+        await static.token()
+
+    clock.advance(0.5)  # the backoff has passed: a call may probe whether AEP takes it now
+    assert await static.token() == "fixed-token"
+    assert static.ready
+    await static.refresh("fixed-token")  # refused again: another backoff
+    clock.advance(59.5)
+    with pytest.raises(AuthError):
+        await static.token()
+    clock.advance(0.5)
+    assert await static.token() == "fixed-token"
+
+    output = log_output.getvalue()
+    assert output.count("auth.token_failed") == 2
+    assert "fixed-token" not in output
+
+
+async def test_the_client_turns_a_refused_static_token_into_a_wait_for_credentials(
+    mock: aioresponses, session: aiohttp.ClientSession, clock: ManualClock
+) -> None:
+    client = AepClient(settings(), session, StaticToken(SecretStr(TOKEN), clock))
+    create = "https://platform.test/data/foundation/import/batches"
+    mock.post(create, status=401, payload={"error_code": "401013", "message": "Oauth token is not valid"})
+    mock.post(create, status=201, payload={"id": "batch-1", "status": "loading"})
+    request = BatchRequest(request_id="crm-1", dataset_id="5c8c3c555033b814b69f947f")
+
+    with pytest.raises(TokenRefused) as caught:
+        await client.create_batch(request, "json")
+
+    refused = caught.value
+    assert (refused.endpoint, refused.status, refused.error_code) == ("batches.create", 401, "401013")
+    # Not the request's fault: released (no attempt spent, not failed), not retried or failed.
+    policy = RetryPolicy(RetrySettings(), random.Random(), RetryBudget())
+    assert policy.decide(refused, 1, clock.now(), creating=True).kind == "release"
+    # Held back: no call reaches AEP until the backoff has passed, and it is not replayed.
+    with pytest.raises(AuthError):
+        await client.ensure_token()
+    with pytest.raises(AuthError):
+        await client.create_batch(request, "json")
+    sent = mock.requests[("POST", URL(create))]
+    assert len(sent) == 1
+    clock.advance(BACKOFF_CAP)
+    assert (await client.create_batch(request, "json")).id == "batch-1"  # the probe: accepted now
+    assert len(sent) == 2
+    assert TOKEN not in refused.summary()
 
 
 async def test_token_provider_prefers_the_fixed_token(
