@@ -11,6 +11,8 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
 import aiohttp
 
@@ -26,6 +28,7 @@ from orchestrator.queues import open_queue
 from orchestrator.queues.base import Queue
 from orchestrator.settings import Settings
 from orchestrator.store.base import BatchStore
+from orchestrator.store.engine import async_url
 from orchestrator.store.sql import SqlBatchStore
 
 log = logs.get("service")
@@ -53,6 +56,75 @@ class Components:
     client: AepClient
     intake: Intake
     dispatcher: Dispatcher
+    # The SQLite files behind the store and the queue, watched while the service runs.
+    files: tuple[OpenedFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpenedFile:
+    """A SQLite file the service opened (`role`: "store" or "queue") and which file that was. Once
+    its path leads to no file or another one (deleted, replaced), what the service writes goes to a
+    file nobody will open again: its records are lost, and the service must not go on."""
+
+    role: str
+    path: Path
+    device: int
+    inode: int
+
+    @classmethod
+    def of(cls, role: str, url: str) -> OpenedFile | None:
+        """The file behind a `sqlite:///PATH` URL, just opened; None for any other database."""
+        try:
+            target = async_url(url)
+        except ValueError:
+            return None
+        database = target.database
+        if target.get_backend_name() != "sqlite" or not database or database == ":memory:":
+            return None
+        try:
+            found = Path(database).stat()
+        except OSError:
+            return None  # a `file:` URI or some such: nothing to watch
+        return cls(role, Path(database), found.st_dev, found.st_ino)
+
+    def lost(self) -> str | None:
+        """How the path lost the opened file; None while it leads to it. One `stat`: cheap enough
+        to ask several times a second."""
+        try:
+            found = self.path.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return "deleted"
+        except OSError:
+            return None  # unreadable for a moment (permissions, a network share): nothing is known lost
+        if (found.st_dev, found.st_ino) != (self.device, self.inode):
+            return "replaced by another file"
+        return None
+
+
+class CredentialsWait:
+    """How long AEP credentials have been refused while no request got anywhere; `run --until-idle`
+    gives up once that reaches `limit` seconds (ORCH_AEP__CREDENTIALS_WAIT).
+
+    An outcome of a request (created, adopted, failed, retry scheduled) starts it over. A moment
+    without a problem does not: a refused fixed token is probed now and then, and until the probe
+    is refused in turn the dispatcher sees no problem."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._since: float | None = None  # monotonic: first seen refused, no outcome since
+        self._outcomes = 0
+
+    def exceeded(self, problem: str | None, outcomes: int, now: float) -> bool:
+        """`problem`: the credentials problem now (None: none); `outcomes`: how many requests have
+        had an outcome so far; `now`: monotonic seconds."""
+        if outcomes != self._outcomes:
+            self._outcomes = outcomes
+            self._since = None
+        if problem is None:
+            return False
+        if self._since is None:
+            self._since = now
+        return now - self._since >= self.limit
 
 
 @contextlib.asynccontextmanager
@@ -62,6 +134,8 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
     await store.open()
     try:
         await queue.open()
+        opened = (OpenedFile.of("store", settings.store.url), OpenedFile.of("queue", settings.queue.url))
+        files = tuple(file for file in opened if file is not None)
         try:
             connector = aiohttp.TCPConnector(limit=settings.limits.concurrency * 2)
             async with aiohttp.ClientSession(connector=connector) as session:
@@ -75,6 +149,7 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
                 yield Components(
                     store=store,
                     queue=queue,
+                    files=files,
                     session=session,
                     limiter=limiter,
                     client=client,
@@ -126,30 +201,50 @@ async def run(
             )
             intake_task = asyncio.create_task(parts.intake.run(stop), name="intake")
             dispatch_task = asyncio.create_task(parts.dispatcher.run(stop), name="dispatcher")
-            watcher = asyncio.create_task(_watch(parts, stop, clock, until_idle, on_progress), name="watch")
-            done, _ = await asyncio.wait(
-                {intake_task, dispatch_task, watcher}, return_when=asyncio.FIRST_EXCEPTION
+            watcher = asyncio.create_task(
+                _watch(parts, stop, clock, until_idle, on_progress, settings.aep.credentials_wait),
+                name="watch",
             )
+            await asyncio.wait({intake_task, dispatch_task, watcher}, return_when=asyncio.FIRST_EXCEPTION)
             stop.set()
             await asyncio.gather(intake_task, dispatch_task, watcher, return_exceptions=True)
-            await parts.dispatcher.drain(settings.shutdown.grace)
-            failure = next((t.exception() for t in done if not t.cancelled() and t.exception()), None)
+            ending = "stopped" if watcher.exception() is not None else watcher.result()
+            # With the store's file gone, nothing a call in flight records survives: stop them all.
+            await parts.dispatcher.drain(0.0 if ending == "store_lost" else settings.shutdown.grace)
+            tasks = (intake_task, dispatch_task, watcher)
+            failure = next((t.exception() for t in tasks if not t.cancelled() and t.exception()), None)
             if failure is not None:
                 log.error("service.crashed", exc_info=failure)
                 return 1
             stats = parts.dispatcher.stats
+            code = exit_code(ending, stats.failed)
             log.info(
                 "service.stopped",
                 created=stats.created,
                 adopted=stats.adopted,
                 failed=stats.failed,
                 retries=stats.retries,
+                exit_code=code,
             )
-            return 0
+            return code
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+# Why the watcher stopped the service: the work was done, it gave up (an error event says why: the
+# credentials, the queue's file), the store's file was lost, or something else stopped it (a signal,
+# the caller's `stop`).
+Ending = Literal["idle", "gave_up", "store_lost", "stopped"]
+
+
+def exit_code(ending: Ending, failed: int) -> int:
+    """1 when the watcher gave up or the store's file was lost, or when a run until idle ended with
+    `failed` requests of its own (so that a cron job notices); 0 otherwise, also after a signal.
+    Invalid messages (`rejected`) do not count: they never were requests to AEP, and were
+    dead-lettered and logged."""
+    return 1 if ending in ("gave_up", "store_lost") or (ending == "idle" and failed > 0) else 0
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:
@@ -164,17 +259,34 @@ async def _watch(
     clock: Clock,
     until_idle: bool,
     on_progress: Callable[[Components], None] | None,
-) -> None:
-    """Report progress and, with `until_idle`, stop once the queue is empty and nothing waits for a
-    call or a retry. Idle must hold on two checks in a row: a message can sit between the queue and
-    the store for an instant (received, not yet recorded)."""
+    credentials_wait: float,
+) -> Ending:
+    """Report progress; stop when the store's or the queue's file is lost; with `until_idle`, stop
+    once the queue is empty and nothing waits for a call or a retry, or after `credentials_wait`
+    seconds of refused credentials. Idle must hold on two checks in a row: a message can sit
+    between the queue and the store for an instant (received, not yet recorded)."""
     idle_checks = 0
+    refused = CredentialsWait(credentials_wait)
     while not stop.is_set():
         await sleep_until_set(clock, 0.2, stop)
         if on_progress is not None:
             on_progress(parts)
+        lost = _file_lost(parts.files)
+        if lost is not None:
+            stop.set()
+            return "store_lost" if lost == "store" else "gave_up"
         if not until_idle:
             continue
+        if refused.exceeded(parts.dispatcher.credentials_problem, _outcomes(parts), clock.monotonic()):
+            log.error(
+                "service.credentials_refused",
+                error=parts.dispatcher.credentials_problem,
+                waited=refused.limit,
+                unfinished=await parts.store.unfinished(),
+                hint="fix the credentials and run again; ORCH_AEP__CREDENTIALS_WAIT sets the wait",
+            )
+            stop.set()
+            return "gave_up"
         idle = (
             parts.dispatcher.in_flight == 0
             and await parts.store.unfinished() == 0
@@ -184,3 +296,26 @@ async def _watch(
         if idle_checks >= 2:
             log.info("service.idle")
             stop.set()
+            return "idle"
+    return "stopped"
+
+
+def _file_lost(files: tuple[OpenedFile, ...]) -> str | None:
+    """The role of a file that was lost (and logged), if any."""
+    for file in files:
+        how = file.lost()
+        if how is not None:
+            # service.store_lost or service.queue_lost
+            log.error(
+                f"service.{file.role}_lost",
+                path=str(file.path),
+                problem=how,
+                hint="stopped: what it records from now on would be lost; restore the file or enqueue again",
+            )
+            return file.role
+    return None
+
+
+def _outcomes(parts: Components) -> int:
+    stats = parts.dispatcher.stats
+    return stats.created + stats.adopted + stats.failed + stats.retries

@@ -61,3 +61,56 @@ async def test_bad_secret_leaves_requests_pending(tmp_path: Path) -> None:
     assert [record["state"] for record in records] == ["pending"]
     assert records[0]["attempts"] == 0
     assert sim.stats.platform_calls == 0
+
+
+async def test_refused_fixed_token_fails_no_request_and_until_idle_gives_up(tmp_path: Path) -> None:
+    sim = Simulator(SimulatorConfig(seed=7))
+    await sim.start()
+    try:
+        env = cli_env(
+            tmp_path,
+            sim.url,
+            AEP__ACCESS_TOKEN="expired-token-SENSITIVE",
+            AEP__CREDENTIALS_WAIT="2",
+            LIMITS__CONCURRENCY="4",
+            RETRY__MAX_ATTEMPTS="2",
+        )
+        ids = "\n".join(f"{index:024x}" for index in range(20)).encode()
+        assert (await run(["enqueue", "--file", "-"], env, tmp_path, stdin=ids)).code == 0
+        result = await run(["run", "--until-idle"], env, tmp_path, timeout=60)
+    finally:
+        await sim.stop()
+    assert result.code == 1, result.stderr[-2000:]
+    seen = [event["event"] for event in events(result.stderr)]
+    assert seen.count("dispatcher.waiting_for_credentials") == 1
+    assert "batch.released" in seen
+    assert "batch.failed" not in seen
+    assert "retry.scheduled" not in seen
+    [gave_up] = [event for event in events(result.stderr) if event["event"] == "service.credentials_refused"]
+    assert "ORCH_AEP__ACCESS_TOKEN" in gave_up["error"]
+    assert gave_up["unfinished"] == 20
+    assert "SENSITIVE" not in result.stderr
+    # No hot loop: the calls in flight when AEP first refused the token, then nothing for a backoff.
+    assert 1 <= sim.stats.unauthorized <= 8
+    records = (await run(["batches", "--json"], env, tmp_path)).json_lines()
+    assert {(record["state"], record["attempts"]) for record in records} == {("pending", 0)}
+
+
+async def test_until_idle_gives_up_on_refused_client_credentials(tmp_path: Path) -> None:
+    sim = Simulator(SimulatorConfig(seed=8))
+    await sim.start()
+    try:
+        env = cli_env(tmp_path, sim.url, AEP__CLIENT_SECRET="not-the-secret", AEP__CREDENTIALS_WAIT="1.5")
+        assert (await run(["enqueue", "000000000000000000000001"], env, tmp_path)).code == 0
+        result = await run(["run", "--until-idle"], env, tmp_path, timeout=60)
+    finally:
+        await sim.stop()
+    assert result.code == 1, result.stderr[-2000:]
+    [gave_up] = [event for event in events(result.stderr) if event["event"] == "service.credentials_refused"]
+    assert gave_up["level"] == "error"
+    assert "invalid_client" in gave_up["error"]
+    assert gave_up["waited"] == 1.5
+    assert "not-the-secret" not in result.stderr
+    records = (await run(["batches", "--json"], env, tmp_path)).json_lines()
+    assert [(record["state"], record["attempts"]) for record in records] == [("pending", 0)]
+    assert sim.stats.platform_calls == 0
