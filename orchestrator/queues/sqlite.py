@@ -59,7 +59,7 @@ from sqlalchemy.sql.dml import Update
 
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.queues.base import Delivery
-from orchestrator.store.engine import create_engine, reader
+from orchestrator.store.engine import open_engine, reader
 
 DEFAULT_URL = "sqlite:///var/queue.db"
 
@@ -142,7 +142,7 @@ class SqliteQueue:
         if self._engine is not None:
             return
         # FULL: a publish the producer was told succeeded must survive a power cut.
-        engine = create_engine(self.url, synchronous="FULL")
+        engine = await open_engine(self.url, synchronous="FULL")
         try:
             # BEGIN IMMEDIATE: two processes opening a new file take turns creating the table.
             async with engine.begin() as connection:

@@ -4,7 +4,9 @@ SQLite holds up under concurrency (this service's coroutines, the `enqueue` CLI 
 service runs, a second replica on the same file) only with these settings on every connection
 (reference §3.1):
 
-- WAL, so readers never block the writer and the writer never blocks readers;
+- WAL, so readers never block the writer and the writer never blocks readers. It is a setting of
+  the file, made once per engine before its pool connects (`use_wal`), because making it is the one
+  place where SQLite fails at once instead of waiting `busy_timeout` (see there);
 - `busy_timeout`, so a writer waits for the lock instead of failing with "database is locked";
 - every write transaction starts with `BEGIN IMMEDIATE`: a deferred transaction that reads and then
   writes cannot upgrade its lock once another connection has committed, and then fails at once,
@@ -14,11 +16,17 @@ service runs, a second replica on the same file) only with these settings on eve
 - `synchronous=FULL` where a lost commit is expensive: WAL with NORMAL may roll back the last
   commits on power loss, and a lost `created` row means a second batch.
 
-PostgreSQL needs none of this; its URLs only get the asyncpg driver.
+PostgreSQL needs none of this; its URLs only get the asyncpg driver (an optional extra).
 """
 
 from __future__ import annotations
 
+import asyncio
+import importlib
+import random
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,12 +36,20 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
+from orchestrator.settings import ConfigError
+
 Synchronous = Literal["FULL", "NORMAL"]
 
 # A connection execution option: transactions on connections that carry it begin deferred.
 READ_ONLY = "orchestrator_read_only"
 
 BUSY_TIMEOUT_MS = 5000
+
+# Retries of the switch to WAL (`use_wal`): full jitter, so openers started together spread out,
+# over a window doubling from the first to the last value. The lock they wait for is held for one
+# write of the file's first page, a few milliseconds.
+_WAL_RETRY_FIRST = 0.002
+_WAL_RETRY_LAST = 0.05
 
 
 def async_url(url: str) -> URL:
@@ -71,10 +87,61 @@ def create_engine(
     target = async_url(url)
     if target.get_backend_name() == "sqlite":
         return _sqlite_engine(target, synchronous, pool_size or 1)
+    _require_asyncpg()
     options: dict[str, Any] = {"pool_pre_ping": True}
     if pool_size is not None:
         options["pool_size"] = pool_size
     return create_async_engine(target, **options)
+
+
+async def open_engine(
+    url: str, *, synchronous: Synchronous = "FULL", pool_size: int | None = None
+) -> AsyncEngine:
+    """`create_engine` on a worker thread: on a new SQLite file it may wait for another process's
+    lock (`use_wal`), and that wait must not stall the event loop."""
+    return await asyncio.to_thread(create_engine, url, synchronous=synchronous, pool_size=pool_size)
+
+
+def use_wal(
+    database: str | Path,
+    *,
+    timeout: float = BUSY_TIMEOUT_MS / 1000,
+    sleep: Callable[[float], None] = time.sleep,
+    monotonic: Callable[[], float] = time.monotonic,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> None:
+    """Put the SQLite file `database` in WAL mode (creating it if need be), retrying while it is locked.
+
+    Switching a new file to WAL reads its header, then writes it: a read lock upgraded to a write
+    lock. When another connection holds the write lock meanwhile (another process or engine making
+    the same switch), SQLite answers SQLITE_BUSY at once, without calling the busy handler, since
+    waiting with a read lock held could deadlock. So `busy_timeout` cannot help, and openers
+    started together on a new file (`enqueue` beside `run`, two replicas) failed with "database is
+    locked". Each try is a new connection with no lock held, retried after a jittered pause until
+    `timeout` (the busy timeout) has passed; other errors are raised at once. A file already in
+    WAL mode only has its header read: no write lock, nothing to wait for.
+
+    `sleep`, `monotonic` and `uniform` are there for tests.
+    """
+    deadline = monotonic() + timeout
+    window = _WAL_RETRY_FIRST
+    while True:
+        remaining = deadline - monotonic()
+        try:
+            # The connection's own busy timeout covers the waits SQLite does allow (e.g. for the
+            # commit, while other connections still read the old header).
+            connection = sqlite3.connect(database, timeout=max(0.0, remaining), isolation_level=None)
+            try:
+                connection.execute("PRAGMA journal_mode=WAL").fetchall()
+            finally:
+                connection.close()
+            return
+        except sqlite3.OperationalError as exc:
+            # Extended codes (SQLITE_BUSY_RECOVERY, …) carry SQLITE_BUSY in their low byte.
+            if exc.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or remaining <= 0:
+                raise
+        sleep(min(uniform(0.0, window), max(0.0, deadline - monotonic())))
+        window = min(window * 2, _WAL_RETRY_LAST)
 
 
 def reader(engine: AsyncEngine) -> AsyncEngine:
@@ -91,23 +158,39 @@ def _is_file(url: URL) -> bool:
     return bool(database) and database != ":memory:" and not url.query.get("uri")
 
 
+def _require_asyncpg() -> None:
+    # SQLAlchemy imports the driver when it makes the engine; without this, a plain install
+    # (no extras) told to use PostgreSQL stops with a traceback ending in ModuleNotFoundError.
+    # Only the store takes a PostgreSQL URL (the embedded queue is SQLite), hence the setting named.
+    try:
+        importlib.import_module("asyncpg")
+    except ModuleNotFoundError as exc:
+        if exc.name != "asyncpg":  # asyncpg is there but broken: that is not a configuration problem
+            raise
+        raise ConfigError(
+            ["ORCH_STORE__URL: PostgreSQL needs the asyncpg driver: pip install 'aep-orchestrator[postgres]'"]
+        ) from None
+
+
 def _sqlite_engine(url: URL, synchronous: Synchronous, pool_size: int) -> AsyncEngine:
+    pragmas = [
+        f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
+        f"PRAGMA synchronous={synchronous}",
+        "PRAGMA foreign_keys=ON",
+    ]
     if _is_file(url):
         assert url.database is not None  # _is_file checked it
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        # Before the pool connects, so no pooled connection ever has to make the switch.
+        use_wal(url.database)
         engine = create_async_engine(
             url, poolclass=AsyncAdaptedQueuePool, pool_size=pool_size, max_overflow=0, pool_timeout=120
         )
     else:
         # An in-memory database exists once per connection: share one (tests, experiments).
         engine = create_async_engine(url, poolclass=StaticPool)
-    pragmas = (
-        # busy_timeout first: switching to WAL on a new file takes a lock another process may hold.
-        f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}",
-        "PRAGMA journal_mode=WAL",
-        f"PRAGMA synchronous={synchronous}",
-        "PRAGMA foreign_keys=ON",
-    )
+        # No file to switch ahead (a URI database's path is SQLite's to parse): per connection.
+        pragmas.insert(1, "PRAGMA journal_mode=WAL")
 
     @event.listens_for(engine.sync_engine, "connect")
     def _connect(dbapi_connection: Any, _record: Any) -> None:
