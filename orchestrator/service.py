@@ -40,11 +40,11 @@ log = logs.get("service")
 CLAIMS_PER_CALL_SLOT = 4
 
 
-def lease_seconds(settings: Settings) -> float:
-    """How long a claimed request stays leased: long enough for a lookup and a create (each bounded
-    by the timeout) after waiting out a throttling pause; short enough that a request whose process
-    was killed mid-call is picked up again soon after."""
-    return 3 * settings.aep.timeout + settings.retry.max_delay + 5
+# How long a claimed request stays leased (seconds). The dispatcher renews the leases of the requests
+# it holds every third of this, so it bounds only how soon the requests of a process killed with
+# -9 are taken over; a take-over looks the batch up first, and creates only after the catalog's
+# settle window, so a short lease costs no duplicate.
+LEASE_SECONDS = 15.0
 
 
 @dataclass
@@ -163,8 +163,9 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
                         clock,
                         owner=owner,
                         concurrency=settings.limits.concurrency * CLAIMS_PER_CALL_SLOT,
-                        lease_seconds=lease_seconds(settings),
+                        lease_seconds=LEASE_SECONDS,
                         default_format=settings.aep.input_format,
+                        catalog_settle=settings.aep.catalog_settle,
                         wake=wake,
                     ),
                 )
@@ -290,6 +291,7 @@ async def _watch(
         idle = (
             parts.dispatcher.in_flight == 0
             and await parts.store.unfinished() == 0
+            and await parts.store.pending_reconciliations() == 0
             and await parts.queue.is_empty()
         )
         idle_checks = idle_checks + 1 if idle else 0

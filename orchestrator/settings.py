@@ -111,6 +111,9 @@ class AepSettings(Section):
     access_token: SecretStr | None = None
     timeout: PositiveFloat = 30.0
     input_format: Literal["json", "parquet", "csv"] = "json"
+    # Seconds AEP's catalog may take to list a batch just made. After an ambiguous create no new
+    # create is made before this window has passed (look-ups only); see the README for the trade.
+    catalog_settle: float = Field(default=30.0, ge=0, le=3600)
     # `run --until-idle` gives up (exit 1) after this many seconds of refused credentials.
     credentials_wait: PositiveFloat = 300.0
 

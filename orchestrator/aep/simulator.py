@@ -453,14 +453,22 @@ class Simulator:
 
     # The simulator's own endpoints.
 
+    def live_batches(self) -> dict[str, list[str]]:
+        """The live batches (not aborted, failed, ...) of each externalId, oldest first."""
+        return self.catalog.live_per_external_id()
+
     def live_duplicates(self) -> dict[str, int]:
-        """The externalIds with more than one live batch (not aborted, failed, ...): a request that
-        holds two batches AEP may ingest."""
-        return {key: n for key, n in self.catalog.live_per_external_id().items() if n > 1}
+        """The externalIds with more than one live batch: a request that holds two batches AEP may
+        ingest."""
+        return {key: len(ids) for key, ids in self.live_batches().items() if len(ids) > 1}
 
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(
-            {**self.stats.as_dict(), "live_duplicate_external_ids": self.live_duplicates()}
+            {
+                **self.stats.as_dict(),
+                "live_batches": self.live_batches(),
+                "live_duplicate_external_ids": self.live_duplicates(),
+            }
         )
 
     async def _reset(self, request: web.Request) -> web.StreamResponse:

@@ -143,13 +143,13 @@ class Catalog:
         stored = self._batches.get(batch_id)
         return stored.batch if stored is not None else None
 
-    def live_per_external_id(self) -> dict[str, int]:
-        """How many batches not aborted, failed or otherwise gone each externalId has: what "exactly
-        one live batch per request" is judged by."""
-        counts: dict[str, int] = {}
-        for external_id, stored in self._by_external_id.items():
-            counts[external_id] = sum(1 for item in stored if item.batch["status"] not in DEAD_STATUSES)
-        return counts
+    def live_per_external_id(self) -> dict[str, list[str]]:
+        """The ids of the batches not aborted, failed or otherwise gone, by externalId, oldest first:
+        what "exactly one live batch per request" is judged by."""
+        return {
+            external_id: [item.batch["id"] for item in stored if item.batch["status"] not in DEAD_STATUSES]
+            for external_id, stored in self._by_external_id.items()
+        }
 
     def _now_ms(self) -> int:
         return int(self._clock.now().timestamp() * 1000)

@@ -431,6 +431,10 @@ class Dispatcher:
         record = claim.record
         try:
             found = await self._api.find_batches(record.request().external_id)
+            if record.batch_id not in {batch.id for batch in found}:
+                # The catalog does not list even the recorded batch yet: it lags more than the
+                # window, and extras made about the same time may not be listed either. Later.
+                raise CatalogBehind(f"the catalog does not list batch {record.batch_id} yet")
             aborted = []
             for batch in found:
                 if batch.id == record.batch_id or not batch.live:
@@ -447,8 +451,6 @@ class Dispatcher:
                 aborted.append(batch.id)
                 self.stats.duplicates_aborted += 1
                 log.warning("batch.duplicate_aborted", batch_id=record.batch_id, duplicate_id=batch.id)
-            if record.batch_id not in {batch.id for batch in found}:
-                log.warning("batch.reconcile_missing", batch_id=record.batch_id)
             detail = f"reconciled: aborted duplicate batches {', '.join(aborted)}" if aborted else None
             await self._store.finish_reconciliation(claim, self._clock.now(), detail=detail)
         except asyncio.CancelledError:
@@ -479,6 +481,10 @@ class Dispatcher:
             )
         except Exception as error:  # noqa: BLE001 - the lease then expires and it is claimed again
             log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
+
+
+class CatalogBehind(Exception):
+    """A reconciliation look-up that does not list the request's own batch: too early to judge."""
 
 
 def _later(first: datetime | None, second: datetime) -> datetime:

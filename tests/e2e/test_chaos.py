@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
+from orchestrator.messages import external_id_for
 from tests.e2e.cli import cli_env, events, run
 
 COUNT = 120
@@ -25,7 +26,7 @@ CHAOS = SimulatorConfig(
     drop_after_rate=0.05,
     slow_rate=0.03,
     slow_delay=1.5,  # longer than the orchestrator's 1 s timeout: the answer never arrives in time
-    catalog_lag=0.2,
+    catalog_lag=0.5,
     seed=11,
 )
 
@@ -49,6 +50,7 @@ async def test_chaos_every_request_created_exactly_once(tmp_path: Path, chaos: S
         RETRY__BASE_DELAY="0.05",
         RETRY__MAX_DELAY="2",
         RETRY__MAX_ATTEMPTS="12",
+        AEP__CATALOG_SETTLE="1",
     )
     ids = "\n".join(f"{index:024x}" for index in range(COUNT)).encode()
     assert (await run(["enqueue", "--file", "-"], env, tmp_path, stdin=ids)).code == 0
@@ -67,6 +69,8 @@ async def test_chaos_every_request_created_exactly_once(tmp_path: Path, chaos: S
     assert max(stats.batches_per_dataset.values()) == 1
     assert len(stats.batches) == COUNT
     assert {record["batchId"] for record in records} == {batch.id for batch in stats.batches}
+    live = chaos.live_batches()
+    assert all(live[external_id_for(r["requestId"])] == [r["batchId"]] for r in records)
     assert stats.faults["drop_after"] > 0
     assert stats.faults["slow"] > 0
     assert any(event["event"] == "batch.adopted" for event in events(ran.stderr))
