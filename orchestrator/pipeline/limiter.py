@@ -4,22 +4,20 @@ Three limits, taken in this order:
 1. a concurrency slot (`asyncio.Semaphore`): calls in flight;
 2. the shared pause: after a 429 (or a 503 with Retry-After) *everyone* waits, not just the caller
    that got it: the server's limit is shared, so the calls behind it would only collect 429s too;
-3. the rate (`asyncio_throttle.Throttler`, a sliding log: never more than N starts in any window of
-   one period), whose N adapts: cut by 30 % on a throttle signal, recovered linearly on success (AIMD).
+3. the rate (`SlidingLog`: never more than N starts in any window of one period), whose N adapts:
+   cut by 30 % on a throttle signal, recovered linearly on success (AIMD).
 
-`RateController` holds the adaptive part and is pure (clock injected), so it is tested without waiting.
+Every wait is on the injected clock, so the limiter is tested on a manual clock without waiting.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Protocol
-
-from asyncio_throttle.throttler import Throttler
 
 from orchestrator import logs
 from orchestrator.clock import Clock, SystemClock
@@ -159,16 +157,32 @@ def throttler_params(rate: float, period: float) -> tuple[int, float]:
     return rate_limit, period * rate_limit / rate
 
 
-class _SlidingLog(Protocol):
-    """The part of `asyncio_throttle.Throttler` we use, typed (the library's own hints are partial:
-    `acquire` is unannotated). Its attributes are read on every loop of `acquire`, so changing them
-    takes effect at once."""
+class SlidingLog:
+    """At most `rate_limit` starts in any window of `period` seconds, waited for by polling every
+    `retry_interval` seconds.
 
-    rate_limit: int
-    period: float
-    retry_interval: float
+    The algorithm of `asyncio_throttle.Throttler`, which this replaces only to take its time from the
+    injected clock (the library reads `time.monotonic()` and sleeps with `asyncio.sleep`, so tests of
+    the rate had to wait in real time and failed on a loaded machine). The attributes are read on
+    every loop of `acquire`, so changing them takes effect at once.
+    """
 
-    async def acquire(self) -> None: ...
+    def __init__(self, rate_limit: int, period: float, clock: Clock, retry_interval: float = 0.01) -> None:
+        self.rate_limit = rate_limit
+        self.period = period
+        self.retry_interval = retry_interval
+        self._clock = clock
+        self._starts: deque[float] = deque()
+
+    async def acquire(self) -> None:
+        while True:
+            now = self._clock.monotonic()
+            while self._starts and now - self._starts[0] > self.period:
+                self._starts.popleft()
+            if len(self._starts) < self.rate_limit:
+                break
+            await self._clock.sleep(self.retry_interval)
+        self._starts.append(self._clock.monotonic())
 
 
 class Limiter:
@@ -179,7 +193,7 @@ class Limiter:
     ) -> None:
         self._clock = clock or SystemClock()
         self._controller = RateController(settings.rate, settings.period, self._clock, pause_cap=pause_cap)
-        self._throttler: _SlidingLog = Throttler(rate_limit=settings.rate, period=settings.period)
+        self._throttler = SlidingLog(settings.rate, settings.period, self._clock)
         self._apply_rate()
         self._semaphore = asyncio.Semaphore(settings.concurrency)
         self._turn = asyncio.Lock()
@@ -218,7 +232,7 @@ class Limiter:
                 if remaining > 0:
                     await self._clock.sleep(remaining)
                     continue
-                # One waiter at a time polls the sliding log (asyncio-throttle polls on a timer):
+                # One waiter at a time polls the sliding log (it polls on a timer):
                 # N polling waiters cost N times the wake-ups, and the lock makes the order FIFO.
                 async with self._turn:
                     await self._throttler.acquire()

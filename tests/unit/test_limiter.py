@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from email.utils import format_datetime
 
@@ -12,7 +12,14 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from orchestrator.clock import ManualClock
-from orchestrator.pipeline.limiter import BETA, Limiter, RateController, throttler_params
+from orchestrator.pipeline.limiter import (
+    BETA,
+    WINDOW_MARGIN,
+    WINDOW_SLACK,
+    Limiter,
+    RateController,
+    throttler_params,
+)
 from orchestrator.settings import LimitSettings
 
 # --- RateController (pure, manual clock) ----------------------------------------------------------
@@ -152,156 +159,189 @@ def test_throttler_params_keep_the_rate(rate: float, period: float) -> None:
     assert rate_limit / stretched == pytest.approx(rate / period)
 
 
-# --- Limiter (real asyncio_throttle; short real-time checks) ---------------------------------------
+# --- Limiter (manual clock: every wait is on it) --------------------------------------------------
 
 
-async def test_never_more_starts_than_the_limit_in_any_window() -> None:
-    limiter = Limiter(LimitSettings(rate=20, period=0.2, concurrency=100))
+async def until(condition: Callable[[], bool], turns: int = 10_000) -> None:
+    """Let the other tasks run until `condition()` holds. Bounded in event-loop turns, not in real
+    time: on the manual clock the tasks wait only for each other and for `clock.advance`, so what
+    they can reach without the clock moving they reach in a few turns, however loaded the machine."""
+    for _ in range(turns):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+async def run_until_done(
+    clock: ManualClock, tasks: Sequence[asyncio.Task[None]], step: float = 0.001
+) -> None:
+    """Move the clock on a `step` at a time until `tasks` are done, letting them run after each step
+    until they wait on the clock again (`advance` marks a woken sleeper done at once, so `sleepers`
+    is 0 until it has run and slept again)."""
+
+    def done() -> bool:
+        return all(task.done() for task in tasks)
+
+    for _ in range(100_000):
+        if done():
+            return
+        clock.advance(step)
+        await until(lambda: clock.sleepers > 0 or done())
+    raise AssertionError("tasks not done")
+
+
+def starts_on(
+    clock: ManualClock, limiter: Limiter, count: int
+) -> tuple[list[float], list[asyncio.Task[None]]]:
+    """`count` calls through `limiter`, as tasks, and the clock time each one started at."""
     starts: list[float] = []
 
     async def call() -> None:
         async with limiter.slot():
-            starts.append(time.monotonic())
+            starts.append(clock.monotonic())
 
-    began = time.monotonic()
-    await asyncio.gather(*(call() for _ in range(60)))
-    starts.sort()
+    return starts, [asyncio.create_task(call()) for _ in range(count)]
+
+
+async def starts_when_the_clock_passes(
+    end: float, clock: ManualClock, starts: list[float], task: asyncio.Task[None]
+) -> None:
+    """The one call in `task`, asleep on the clock, starts once the clock passes `end`, not before."""
+    clock.advance(end - 0.01 - clock.monotonic())
+    # Had that woken the call, it would have started or gone back to sleep by now (`advance` marks a
+    # woken sleeper done at once, so `sleepers` does not hold by itself).
+    await until(lambda: clock.sleepers == 1 or bool(starts))
+    assert starts == []
+    clock.advance(0.02)
+    await until(task.done)
+    assert starts == [pytest.approx(end + 0.01)]
+
+
+def window(rate: float, period: float) -> float:
+    """The limiter's sliding window for `rate` calls per `period` (its period stretched by the margin)."""
+    return throttler_params(rate, period)[1] * (1 + WINDOW_MARGIN) + WINDOW_SLACK
+
+
+async def test_never_more_starts_than_the_limit_in_any_window(clock: ManualClock) -> None:
+    limiter = Limiter(LimitSettings(rate=20, period=0.2, concurrency=100), clock)
+    starts, tasks = starts_on(clock, limiter, 60)
+
+    await until(lambda: len(starts) == 20 and clock.sleepers == 1)
+    assert starts == [0.0] * 20  # the first window's worth starts at once; the rest wait on the clock
+    await run_until_done(clock, tasks)
+
+    assert starts == sorted(starts)
     for i, start in enumerate(starts):
-        # 5 ms of slack: we time the start a few instructions after the throttle logged it.
-        in_window = sum(1 for other in starts[i:] if other - start < 0.2 - 0.005)
-        assert in_window <= 20
-    assert starts[19] - began < 0.05  # the first window's worth starts at once
-    assert starts[-1] - began < 0.6  # and the limiter does not run far below the rate
+        assert sum(1 for other in starts[i:] if other - start < 0.2) <= 20
+    # Each later window's worth starts as soon as the window has passed (within a poll and a step),
+    # so the limiter does not run far below the rate.
+    assert window(20, 0.2) < starts[20] == starts[39] < window(20, 0.2) + 0.005
+    assert starts[-1] < 2 * window(20, 0.2) + 0.01
 
 
-async def test_a_429_with_retry_after_pauses_every_slot() -> None:
-    limiter = Limiter(LimitSettings(rate=1000, period=1.0, concurrency=2))
-    starts: list[float] = []
-
-    async def call() -> None:
-        async with limiter.slot():
-            starts.append(time.monotonic())
+async def test_a_429_with_retry_after_pauses_every_slot(clock: ManualClock) -> None:
+    limiter = Limiter(LimitSettings(rate=1000, period=1.0, concurrency=2), clock)
 
     with capture_logs() as logs:
-        signalled = time.monotonic()
         limiter.record(429, "0.3")
-    assert 0.25 < limiter.paused_for() <= 0.3
+    assert limiter.paused_for() == pytest.approx(0.3)
     assert limiter.throttle_signals == 1
     assert limiter.effective_rate == pytest.approx(1000 * BETA)
-    await asyncio.gather(*(call() for _ in range(6)))
-    assert len(starts) == 6
-    assert min(starts) >= signalled + 0.3
-    assert max(starts) < signalled + 0.5
+    starts, tasks = starts_on(clock, limiter, 6)
+    await until(lambda: clock.sleepers == 2)  # both slots wait out the pause
+    clock.advance(0.299)
+    await until(lambda: clock.sleepers == 2)  # (still asleep: advance would have woken them)
+    assert starts == []
+    await run_until_done(clock, tasks)
+    assert starts == [pytest.approx(0.3)] * 6  # all at the end of the pause, none before
     events = [entry["event"] for entry in logs]
     assert events == ["limiter.paused", "limiter.rate_decreased"]
     assert logs[1]["old_rate"] == 1000
     assert logs[1]["new_rate"] == pytest.approx(1000 * BETA)
 
 
-def test_only_throttle_signals_slow_down() -> None:
-    limiter = Limiter(LimitSettings(rate=10, period=1.0, concurrency=2))
+def test_only_throttle_signals_slow_down(clock: ManualClock) -> None:
+    limiter = Limiter(LimitSettings(rate=10, period=1.0, concurrency=2), clock)
     for status, header in [(503, None), (503, " "), (500, "5"), (None, None), (400, None), (201, None)]:
         limiter.record(status, header)
     assert (limiter.throttle_signals, limiter.effective_rate, limiter.paused_for()) == (0, 10, 0)
     limiter.record(503, "1")
     assert limiter.throttle_signals == 1
     assert limiter.effective_rate == pytest.approx(10 * BETA)
-    assert limiter.paused_for() > 0
+    assert limiter.paused_for() == 1.0
 
 
-async def until(condition: object, timeout: float = 1.0) -> None:
-    assert callable(condition)
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.005)
-
-
-async def test_pause_uses_the_injected_clock_and_http_dates() -> None:
-    clock = ManualClock()
+async def test_pause_uses_the_injected_clock_and_http_dates(clock: ManualClock) -> None:
     limiter = Limiter(LimitSettings(rate=1000, period=1.0, concurrency=4), clock)
     limiter.record(429, format_datetime(clock.now() + timedelta(seconds=5), usegmt=True))
     assert limiter.paused_for() == 5.0
-    entered = asyncio.Event()
+    starts, tasks = starts_on(clock, limiter, 1)
 
-    async def call() -> None:
-        async with limiter.slot():
-            entered.set()
-
-    task = asyncio.create_task(call())
     await until(lambda: clock.sleepers == 1)
-    clock.advance(4.9)
-    await asyncio.sleep(0.01)
-    assert not entered.is_set()
-    clock.advance(0.2)
-    await asyncio.wait_for(task, 1.0)
-    assert entered.is_set()
+    await starts_when_the_clock_passes(5.0, clock, starts, tasks[0])
 
 
-async def test_a_pause_that_begins_while_waiting_for_the_rate_is_waited_out() -> None:
-    clock = ManualClock()
+async def test_a_pause_that_begins_while_waiting_for_the_rate_is_waited_out(clock: ManualClock) -> None:
     limiter = Limiter(LimitSettings(rate=2, period=0.2, concurrency=4), clock)
     for _ in range(2):  # spend the window's two tokens
         async with limiter.slot():
             pass
-    entered = asyncio.Event()
+    starts, tasks = starts_on(clock, limiter, 1)
 
-    async def call() -> None:
-        async with limiter.slot():
-            entered.set()
-
-    task = asyncio.create_task(call())
-    await asyncio.sleep(0.02)  # now waiting on the rate, not paused
+    await until(lambda: clock.sleepers == 1)  # now waiting on the rate, not paused
     limiter.record(429, "10")
-    await until(lambda: clock.sleepers == 1)  # got its token, then saw the pause
-    assert not entered.is_set()
+    clock.advance(window(2, 0.2) + 0.01)  # the rate has a token again: the call takes it...
+    await until(lambda: clock.sleepers == 1)  # ...then sees the pause and waits it out
+    assert starts == []
     assert limiter.in_flight == 0
-    clock.advance(10)
-    await asyncio.wait_for(task, 1.0)
-    assert entered.is_set()
+    await starts_when_the_clock_passes(10.0, clock, starts, tasks[0])
 
 
-async def test_a_call_waiting_for_a_slot_holds_no_rate_token() -> None:
-    limiter = Limiter(LimitSettings(rate=2, period=5.0, concurrency=1))
+async def test_a_call_waiting_for_a_slot_holds_no_rate_token(clock: ManualClock) -> None:
+    limiter = Limiter(LimitSettings(rate=2, period=5.0, concurrency=1), clock)
     release = asyncio.Event()
     inside = asyncio.Event()
+    calling = asyncio.Event()
 
     async def holder() -> None:
         async with limiter.slot():
             inside.set()
             await release.wait()
 
-    first = asyncio.create_task(holder())
-    await inside.wait()
-    assert limiter.in_flight == 1
-    waiter = asyncio.create_task(holder())
-    await asyncio.sleep(0.02)
-    waiter.cancel()  # waited on the semaphore only: the second token must still be there
-    release.set()
-    await first
-    assert limiter.in_flight == 0
-
-    async def third() -> None:
+    async def waiter() -> None:
+        calling.set()  # the slot() below runs on to the semaphore before this task yields
         async with limiter.slot():
             pass
 
-    await asyncio.wait_for(third(), 0.5)  # would wait ~5 s had the waiter spent the token
+    first = asyncio.create_task(holder())
+    await inside.wait()
+    assert limiter.in_flight == 1
+    second = asyncio.create_task(waiter())
+    await calling.wait()
+    second.cancel()  # waited on the semaphore only: the second token must still be there
+    release.set()
+    await first
+    assert limiter.in_flight == 0
+    starts, tasks = starts_on(clock, limiter, 1)
+    # Starts at once; had the cancelled waiter spent the token, it would wait on the clock for 5 s.
+    await until(lambda: tasks[0].done() or clock.sleepers > 0)
+    assert starts == [0.0]
+    assert second.cancelled()
 
 
-async def test_a_fractional_rate_spaces_the_starts() -> None:
-    limiter = Limiter(LimitSettings(rate=2, period=0.1, concurrency=10))
+async def test_a_fractional_rate_spaces_the_starts(clock: ManualClock) -> None:
+    limiter = Limiter(LimitSettings(rate=2, period=0.1, concurrency=10), clock)
     limiter.record(429, "0")  # 1.4 per 0.1 s: one start per 0.071 s
     assert limiter.effective_rate == pytest.approx(2 * BETA)
-    starts: list[float] = []
+    starts, tasks = starts_on(clock, limiter, 4)
 
-    async def call() -> None:
-        async with limiter.slot():
-            starts.append(time.monotonic())
-
-    await asyncio.gather(*(call() for _ in range(4)))
+    await run_until_done(clock, tasks)
     gaps = [b - a for a, b in itertools.pairwise(starts)]
-    assert all(gap >= 0.1 / (2 * BETA) - 0.005 for gap in gaps)
-    assert starts[-1] - starts[0] < 0.35
+    spacing = window(2 * BETA, 0.1)  # 0.1 / 1.4 s, stretched by the margin
+    assert spacing > 0.1 / (2 * BETA)
+    # Each start waits out the window after the one before, and no more than a poll (10 ms) and a step.
+    assert all(spacing < gap < spacing + 0.011 for gap in gaps)
 
 
 def test_recovery_is_logged_at_most_once_a_second_and_at_the_max() -> None:
