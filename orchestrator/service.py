@@ -7,8 +7,6 @@ import asyncio
 import contextlib
 import random
 import signal
-import socket
-import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from orchestrator import logs
 from orchestrator.aep.auth import token_provider
 from orchestrator.aep.client import AepClient
 from orchestrator.clock import Clock, SystemClock, sleep_until_set
+from orchestrator.owners import process_owner
 from orchestrator.pipeline.dispatcher import Dispatcher
 from orchestrator.pipeline.intake import Intake
 from orchestrator.pipeline.limiter import Limiter
@@ -145,7 +144,7 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
                 tokens = token_provider(settings.aep, session, clock)
                 client = AepClient(settings.aep, session, tokens, gate=limiter)
                 wake = asyncio.Event()
-                owner = f"{socket.gethostname()}:{uuid.uuid4().hex[:8]}"
+                owner = process_owner()
                 yield Components(
                     store=store,
                     queue=queue,

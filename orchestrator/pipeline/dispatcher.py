@@ -26,6 +26,7 @@ from orchestrator import logs
 from orchestrator.aep.api import Batch, BatchApi
 from orchestrator.aep.errors import AepError, AuthError
 from orchestrator.clock import Clock, sleep_until_set
+from orchestrator.owners import died_here
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
 from orchestrator.store.base import BatchStore, Claim, State
 
@@ -83,6 +84,7 @@ class Dispatcher:
         self._lease_until: dict[asyncio.Task[None], datetime] = {}
         self._renewer: asyncio.Task[None] | None = None
         self._credentials_problem: str | None = None
+        self._waiting_for_credentials = False
         self._busy = True  # whether the last claim found work (see `_next_claims`)
         self._reconcile_check_at = clock.now()
         self.stats = DispatchStats()
@@ -103,6 +105,7 @@ class Dispatcher:
         lease renewer runs beside the loop; should it ever end, this raises its error, so the
         service stops rather than run on with leases nobody renews."""
         self._renewer = self._renewer or asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        await self._take_back_leases_of_the_dead()
         # Refill in chunks: a claim per finished request would cost a store transaction each.
         refill_at = max(1, self._concurrency // 4)
         while not stop.is_set():
@@ -119,6 +122,14 @@ class Dispatcher:
                 self._tasks[task] = claim
                 self._lease_until[task] = now + timedelta(seconds=self._lease_seconds)
                 task.add_done_callback(self._finished)
+
+    async def _take_back_leases_of_the_dead(self) -> None:
+        """A restart after kill -9 on the same host: the dead process's leases end now rather than
+        when they run out. Its requests are then taken over (looked up first, as any take-over)."""
+        dead = [owner for owner in await self._store.lease_owners() if died_here(owner)]
+        if dead:
+            ended = await self._store.expire_leases(dead, self._clock.now())
+            log.warning("dispatcher.dead_leases_taken_back", owners=len(dead), requests=ended)
 
     def _check_renewer(self) -> None:
         renewer = self._renewer
@@ -235,14 +246,23 @@ class Dispatcher:
         try:
             await self._api.ensure_token()
         except AuthError as exc:
-            if self._credentials_problem is None:
-                log.error("dispatcher.waiting_for_credentials", error=exc.summary())
-            self._credentials_problem = exc.summary()
+            self._credentials_refused(exc)
             return False
-        if self._credentials_problem is not None:
-            log.info("dispatcher.credentials_restored")
-            self._credentials_problem = None
+        self._credentials_problem = None
         return True
+
+    def _credentials_refused(self, exc: AuthError) -> None:
+        # Logged once per outage: a fixed token is probed now and then and refused again, which
+        # is not a recovery; `credentials_restored` waits for a call that worked.
+        if not self._waiting_for_credentials:
+            log.error("dispatcher.waiting_for_credentials", error=exc.summary())
+            self._waiting_for_credentials = True
+        self._credentials_problem = exc.summary()
+
+    def _credentials_worked(self) -> None:
+        if self._waiting_for_credentials:
+            log.info("dispatcher.credentials_restored")
+            self._waiting_for_credentials = False
 
     async def _handle(self, claim: Claim) -> None:
         record = claim.record
@@ -295,10 +315,8 @@ class Dispatcher:
             return True
         if record.lookup_only:
             # Attempts spent and the window passed with no batch listed: none was made.
-            self.stats.failed += 1
             error = record.last_error or "gave up: attempts spent and no batch found"
-            if await self._store.mark_failed(claim, error, now, count_attempt=False):
-                log.error("batch.failed", error=error)
+            await self._fail(claim, error, now, count_attempt=False)
             return True
         log.info("batch.lookup_empty", settling=False)
         return False
@@ -320,6 +338,7 @@ class Dispatcher:
             )
         )
         self._policy.succeeded(claim.attempt)
+        self._credentials_worked()
         if not kept:
             log.warning("dispatcher.lease_lost", batch_id=batch.id)
             return
@@ -351,16 +370,16 @@ class Dispatcher:
             # This call may have made a batch just now: the catalog may take the window to list it.
             settle_until = _later(settle_until, now + self._settle)
         if decision.kind == "release":
-            self.stats.released += 1
+            if isinstance(exc, AuthError):
+                self._credentials_refused(exc)
             await self._store.release(claim, now, settle_until=settle_until)
+            self.stats.released += 1
             self._wake.set()  # due again at once: the claim loop checks the credentials first
             log.warning("batch.released", reason=decision.reason)
         elif decision.kind == "fail" and ambiguous:
             await self._final_lookup(claim, decision.reason, now, settle_until)
         elif decision.kind == "fail":
-            self.stats.failed += 1
-            if await self._store.mark_failed(claim, decision.reason, now):
-                log.error("batch.failed", error=decision.reason)
+            await self._fail(claim, decision.reason, now)
         else:
             self.stats.retries += 1
             next_at = now + timedelta(seconds=decision.delay)
@@ -375,6 +394,12 @@ class Dispatcher:
                     ambiguous=ambiguous,
                 )
 
+    async def _fail(self, claim: Claim, error: str, now: datetime, *, count_attempt: bool = True) -> None:
+        # Counted only when written: a lost lease means another dispatcher owns the outcome.
+        if await self._store.mark_failed(claim, error, now, count_attempt=count_attempt):
+            self.stats.failed += 1
+            log.error("batch.failed", error=error)
+
     async def _final_lookup(
         self, claim: Claim, reason: str, now: datetime, settle_until: datetime | None
     ) -> None:
@@ -385,10 +410,8 @@ class Dispatcher:
             # A final look-up itself failed: try a few more times, then give up.
             tries = claim.attempt - self._policy.settings.max_attempts
             if tries >= FINAL_LOOKUP_TRIES:
-                self.stats.failed += 1
                 error = f"{claim.record.last_error or 'attempts spent'}; final look-ups failed: {reason}"
-                if await self._store.mark_failed(claim, error[:500], now):
-                    log.error("batch.failed", error=error[:500])
+                await self._fail(claim, error[:500], now)
                 return
             reason = claim.record.last_error or reason
         settings = self._policy.settings

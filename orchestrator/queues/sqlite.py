@@ -29,8 +29,6 @@ the queue holds only messages in flight, so a future change can drain and recrea
 
 from __future__ import annotations
 
-import os
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import uuid4
@@ -58,6 +56,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import Update
 
 from orchestrator.clock import Clock, SystemClock
+from orchestrator.owners import died_here, process_owner
 from orchestrator.queues.base import Delivery
 from orchestrator.store.engine import open_engine, reader
 
@@ -132,7 +131,7 @@ class SqliteQueue:
         self._clock = clock or SystemClock()
         # One owner per instance, so close() releases exactly this consumer's leases; host and pid
         # let a later consumer on this machine tell that the process holding a lease is gone.
-        self._owner = f"{socket.gethostname()}/{os.getpid()}/{uuid4().hex[:12]}"
+        self._owner = process_owner()
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
         self._acked: list[int] = []  # rows acked but not yet deleted
@@ -313,14 +312,12 @@ class SqliteQueue:
         messages the dead process held come back. Only processes of this host are judged; a pid
         that is alive (even if reused by another program) keeps its lease until it expires.
         """
-        if os.name != "posix":  # os.kill(pid, 0) is a probe only on POSIX
-            return
         owners = await connection.execute(
             select(queue_message.c.lease_owner)
             .where(queue_message.c.queue == self.name, queue_message.c.status == "leased")
             .distinct()
         )
-        dead = [owner for (owner,) in owners if owner is not None and _died_here(owner)]
+        dead = [owner for (owner,) in owners if owner is not None and died_here(owner)]
         if dead:
             await connection.execute(
                 update(queue_message)
@@ -364,21 +361,6 @@ class SqliteQueue:
         if self._reader is None:
             raise RuntimeError("the queue is not open")
         return self._reader
-
-
-def _died_here(owner: str) -> bool:
-    """Whether `owner` (host/pid/id) was a process on this host that no longer exists."""
-    host, _, rest = owner.partition("/")
-    pid_text = rest.partition("/")[0]
-    if host != socket.gethostname() or not pid_text.isdigit() or int(pid_text) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # EPERM: it exists, under another user
-        return False
-    return False
 
 
 def _lease(delivery: Delivery) -> _Lease:

@@ -193,6 +193,13 @@ class BatchStore(Protocol):
         """Reconciliation done, or with `retry_at` to be tried again then (`failed`: this try failed
         and counts); `detail` goes to the trail. Returns False when the lease was lost."""
 
+    async def lease_owners(self) -> set[str]:
+        """The owners holding leases now (to find those of dead processes)."""
+
+    async def expire_leases(self, owners: Sequence[str], now: datetime) -> int:
+        """End the leases `owners` hold at `now`, as if they had run out: their requests are taken
+        over at once (looked up first). Returns how many were ended."""
+
     async def pending_reconciliations(self) -> int:
         """How many created requests still wait for their reconciliation (`--until-idle`)."""
 

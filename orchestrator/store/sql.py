@@ -540,6 +540,34 @@ class SqlBatchStore:
         to_state = State.CREATED if detail is not None else None
         return await self._finish(claim, now, values, to_state, detail)
 
+    async def lease_owners(self) -> set[str]:
+        statement = (
+            select(batch_request.c.lease_owner)
+            .where(batch_request.c.lease_expires_at.is_not(None))
+            .distinct()
+        )
+        async with self._read.connect() as connection:
+            return {owner for (owner,) in await connection.execute(statement) if owner is not None}
+
+    async def expire_leases(self, owners: Sequence[str], now: datetime) -> int:
+        if not owners:
+            return 0
+        statement = (
+            update(batch_request)
+            .where(
+                batch_request.c.lease_owner.in_(list(owners)),
+                batch_request.c.lease_expires_at > now,
+            )
+            .values(lease_expires_at=now)
+            .returning(batch_request.c.id)
+        )
+
+        async def run(tx: _Tx) -> int:
+            return len((await tx.connection.execute(statement)).all())
+
+        ended: int = await self._write(_Op(run=run))
+        return ended
+
     async def pending_reconciliations(self) -> int:
         statement = (
             select(func.count()).select_from(batch_request).where(batch_request.c.reconcile_at.is_not(None))

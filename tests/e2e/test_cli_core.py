@@ -45,7 +45,7 @@ async def test_150_requests_one_batch_each(tmp_path: Path, simulator: Simulator)
     assert "published 150" in enqueued.stdout
 
     ran = await run(["run", "--until-idle"], env, tmp_path)
-    assert ran.code == 0, ran.stderr[-2000:]
+    assert ran.code == 1, ran.stderr[-2000:]  # the unknown dataset's request ended failed
 
     listed = await run(["batches", "--json"], env, tmp_path)
     records = {record["requestId"]: record for record in listed.json_lines()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
-from tests.e2e.cli import cli_env, run, start
+from tests.e2e.cli import cli_env, events, run, start
 
 COUNT = 60
 
@@ -52,6 +52,7 @@ async def test_kill_9_mid_run_then_restart(tmp_path: Path, slow_simulator: Simul
         AEP__TIMEOUT="1",
         RETRY__MAX_DELAY="1",
         RETRY__BASE_DELAY="0.05",
+        AEP__CATALOG_SETTLE="1",
     )
     await _enqueue(env, tmp_path)
     service = await start(["run"], env, tmp_path)
@@ -63,6 +64,11 @@ async def test_kill_9_mid_run_then_restart(tmp_path: Path, slow_simulator: Simul
 
     restarted = await run(["run", "--until-idle"], env, tmp_path, timeout=60)
     assert restarted.code == 0, restarted.stderr[-2000:]
+    # The dead process's leases are taken back at start, not waited out, and each of its requests
+    # is looked up before any create.
+    [taken_back] = [e for e in events(restarted.stderr) if e["event"] == "dispatcher.dead_leases_taken_back"]
+    assert taken_back["requests"] > 0
+    assert any(e["event"] == "dispatcher.lease_taken_over" for e in events(restarted.stderr))
     records = (await run(["batches", "--json"], env, tmp_path)).json_lines()
     assert len(records) == COUNT
     assert {record["state"] for record in records} == {"created"}

@@ -4,6 +4,8 @@ live batch per request when AEP's catalog lists a new batch only seconds after i
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 from datetime import timedelta
 
 from orchestrator.aep.api import Batch
@@ -79,6 +81,34 @@ async def test_a_take_over_opens_the_window(store: SqlBatchStore, clock: ManualC
         record = await run.until_final()
     assert record.state is State.CREATED
     assert api.methods.count("create") == 1
+
+
+async def test_leases_of_a_process_that_died_here_are_taken_back_at_start(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    """kill -9, then a restart on the same host: no waiting out the dead process's lease."""
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    assert await gone.wait() == 0  # its pid is free now
+    await add(store, clock, "r1")
+    owner = f"{socket.gethostname()}/{gone.pid}/x"
+    assert len(await store.claim(owner, 1, 15, clock.now())) == 1
+    api = FakeApi(lookups=[[batch("b-made-before-the-kill")]])
+    async with Running(store, api, clock) as run:
+        await run.quiet()  # the clock has not moved: no lease ran out
+        record = await run.get()
+    assert (record.state, record.batch_id) == (State.CREATED, "b-made-before-the-kill")
+    assert api.methods == ["lookup"]
+
+
+async def test_leases_of_live_processes_are_left_alone(store: SqlBatchStore, clock: ManualClock) -> None:
+    await add(store, clock, "r1")
+    assert len(await store.claim(f"{socket.gethostname()}/1/x", 1, 15, clock.now())) == 1  # pid 1 lives
+    assert len(await store.claim("elsewhere/123/x", 1, 15, clock.now())) == 0
+    api = FakeApi()
+    async with Running(store, api, clock) as run:
+        await run.quiet()
+    assert api.calls == []
+    assert await store.expire_leases([], clock.now()) == 0
 
 
 # --- adoption ---------------------------------------------------------------------------------------
