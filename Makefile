@@ -1,4 +1,5 @@
 # The two commands a newcomer needs: `make demo` and `make test`. Both build the virtualenv first.
+.PHONY: demo test test-unit run lint bench clean
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

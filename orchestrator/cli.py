@@ -232,14 +232,9 @@ def message_body(raw: bytes, *, request_id: str | None = None, input_format: str
 
 
 async def _publish(settings: Settings, bodies: list[bytes]) -> int:
-    from orchestrator.queues import open_queue
+    from orchestrator.queues import publish_to
 
-    queue = open_queue(settings.queue.url, settings.queue.name)
-    await queue.open()
-    try:
-        return await queue.publish(bodies)
-    finally:
-        await queue.close()
+    return await publish_to(settings.queue.url, settings.queue.name, bodies)
 
 
 # -- batches -----------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from orchestrator import logs, service
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
-from orchestrator.queues import open_queue
+from orchestrator.queues import publish_to
 from orchestrator.settings import Settings
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
@@ -111,12 +111,7 @@ async def _demo(base: Settings, count: int) -> int:
         try:
             settings = _demo_settings(base, url, sim_config)
             bodies = demo_messages(count)
-            queue = open_queue(settings.queue.url, settings.queue.name)
-            await queue.open()
-            try:
-                await queue.publish(bodies)
-            finally:
-                await queue.close()
+            await publish_to(settings.queue.url, settings.queue.name, bodies)
             console.print(
                 f"[bold]Simulator[/] at {url}; enqueued {len(bodies)} messages "
                 f"({count} distinct requests{', one sent twice' if len(bodies) > count else ''}); "

@@ -101,10 +101,11 @@ class Intake:
     async def _reject(self, delivery: Delivery, reason: str) -> None:
         self.stats.rejected += 1
         log.warning("intake.rejected", reason=reason)
-        if self._queue.dead_letters_in_store:
-            await self._store.reject(
-                f"msg:{delivery.message_id}", _dataset_hint(delivery.body), reason, self._clock.now()
-            )
+        # Recorded on every broker, so `batches --state rejected` tells the same story everywhere;
+        # recorded first, so a crash before the dead letter redelivers rather than loses it.
+        await self._store.reject(
+            f"msg:{delivery.message_id}", _dataset_hint(delivery.body), reason, self._clock.now()
+        )
         await self._queue.dead_letter(delivery, reason)
 
     def _note_backpressure(self, on: bool) -> None:

@@ -46,12 +46,12 @@ from sqlalchemy import (
     delete,
     exists,
     func,
-    insert,
     literal_column,
     select,
     text,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.dml import Update
 
@@ -103,11 +103,9 @@ class _Lease:
 
 
 class SqliteQueue:
-    """`Queue` on a SQLite table. `url` is `sqlite:///PATH` (relative to the working directory)."""
+    """`Consumer` and `Publisher` on a SQLite table. `url` is `sqlite:///PATH` (relative to the
+    working directory)."""
 
-    # The embedded queue has no dead-letter destination a person would watch: intake records
-    # invalid messages as `rejected` in the store too.
-    dead_letters_in_store = True
     # Acks wait for the next transaction, at most this many and this many seconds.
     MAX_PENDING_ACKS = 500
     MAX_ACK_DELAY = 1.0
@@ -171,14 +169,17 @@ class SqliteQueue:
         finally:
             await engine.dispose()
 
-    async def publish(self, bodies: Sequence[bytes]) -> int:
+    async def publish(self, bodies: Sequence[bytes], message_ids: Sequence[str] | None = None) -> int:
         if not bodies:
             return 0
+        if message_ids is not None and len(message_ids) != len(bodies):
+            raise ValueError("one message id per body")
         now = self._now()
+        ids = message_ids or [uuid4().hex for _ in bodies]
         rows = [
             {
                 "queue": self.name,
-                "message_id": uuid4().hex,
+                "message_id": message_id,
                 "payload": bytes(body),
                 "status": "ready",
                 "attempts": 0,
@@ -186,10 +187,13 @@ class SqliteQueue:
                 "created_at": now,
                 "updated_at": now,
             }
-            for body in bodies
+            for body, message_id in zip(bodies, ids, strict=True)
         ]
-        async with self._writer.begin() as connection:  # all or nothing
-            await connection.execute(insert(queue_message), rows)
+        # All or nothing; a message id already in the table is that message published before (an
+        # event relayed again after a crash): it stays once.
+        statement = sqlite_insert(queue_message).on_conflict_do_nothing(index_elements=["message_id"])
+        async with self._writer.begin() as connection:
+            await connection.execute(statement, rows)
         return len(rows)
 
     async def receive(self, max_messages: int, timeout: float) -> list[Delivery]:

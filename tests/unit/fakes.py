@@ -61,9 +61,8 @@ async def open_store(directory: Path) -> SqlBatchStore:
 class FakeQueue:
     """The `Queue` port in memory. Records every ack, dead letter and release."""
 
-    def __init__(self, *, dead_letters_in_store: bool = True, name: str = "test.requests") -> None:
+    def __init__(self, *, name: str = "test.requests") -> None:
         self.name = name
-        self.dead_letters_in_store = dead_letters_in_store
         self.ready: deque[Delivery] = deque()
         self.leased: dict[str, Delivery] = {}
         self.acked: list[Delivery] = []
@@ -81,7 +80,7 @@ class FakeQueue:
         for delivery in list(self.leased.values()):
             await self.release(delivery)
 
-    async def publish(self, bodies: Sequence[bytes]) -> int:
+    async def publish(self, bodies: Sequence[bytes], message_ids: Sequence[str] | None = None) -> int:
         for body in bodies:
             self.ready.append(Delivery(body=bytes(body), message_id=f"m{next(self._ids)}", attempt=1))
         self._arrived.set()

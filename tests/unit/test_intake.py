@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from orchestrator.clock import ManualClock
 from orchestrator.pipeline.intake import Intake
-from orchestrator.queues.base import Delivery, Queue
+from orchestrator.queues.base import Delivery, Publisher, Queue
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
 from tests.unit.fakes import FakeQueue, until
@@ -34,9 +34,10 @@ async def receive_one(queue: FakeQueue, body: bytes) -> Delivery:
     return delivery
 
 
-def test_fake_queue_implements_the_port() -> None:
+def test_fake_queue_implements_the_ports() -> None:
     queue: Queue = FakeQueue()  # mypy checks the structure
-    assert queue.dead_letters_in_store
+    publisher: Publisher = FakeQueue()
+    assert queue is not publisher
 
 
 # --- one message at a time ------------------------------------------------------------------------------
@@ -96,11 +97,10 @@ async def test_bare_id_is_keyed_by_message_id(store: SqlBatchStore, clock: Manua
     assert record.dataset_id == DS
 
 
-@pytest.mark.parametrize("in_store", [True, False])
-async def test_invalid_message_is_dead_lettered(
-    store: SqlBatchStore, clock: ManualClock, in_store: bool
+async def test_invalid_message_is_recorded_as_rejected_and_dead_lettered(
+    store: SqlBatchStore, clock: ManualClock
 ) -> None:
-    queue = FakeQueue(dead_letters_in_store=in_store)
+    queue = FakeQueue()
     added = asyncio.Event()
     intake = make_intake(queue, store, clock, on_added=added)
     delivery = await receive_one(queue, msg(requestId="r1", tags={"source": "crm"}))
@@ -115,12 +115,9 @@ async def test_invalid_message_is_dead_lettered(
     assert intake.stats.rejected == 1
     assert await store.get("r1") is None  # never recorded as a request
     rejected = await store.get(f"msg:{delivery.message_id}")
-    if in_store:
-        assert rejected is not None
-        assert (rejected.state, rejected.last_error, rejected.dataset_id) == (State.REJECTED, reason, DS)
-        assert rejected.attempts == 0
-    else:
-        assert rejected is None
+    assert rejected is not None
+    assert (rejected.state, rejected.last_error, rejected.dataset_id) == (State.REJECTED, reason, DS)
+    assert rejected.attempts == 0
     assert await store.unfinished() == 0
     assert [entry["event"] for entry in logs] == ["intake.rejected"]
     assert logs[0]["reason"] == reason

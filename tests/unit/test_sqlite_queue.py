@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.clock import ManualClock
 from orchestrator.queues import open_queue
-from orchestrator.queues.base import Delivery, Queue
+from orchestrator.queues.base import Delivery, Publisher, Queue
 from orchestrator.queues.sqlite import SqliteQueue
 from orchestrator.settings import ConfigError
 
@@ -67,10 +67,19 @@ async def parked(clock: ManualClock, task: asyncio.Task[list[Delivery]]) -> None
     raise AssertionError("receive neither slept on the clock nor returned")
 
 
-def test_sqlite_queue_implements_the_port() -> None:
+def test_sqlite_queue_implements_the_ports() -> None:
     queue: Queue = SqliteQueue("sqlite:///unused.db", "q")  # mypy checks the structure
-    assert queue.dead_letters_in_store is True
-    assert queue.name == "q"
+    publisher: Publisher = SqliteQueue("sqlite:///unused.db", "q")
+    assert queue.name == publisher.name == "q"
+
+
+async def test_a_message_id_published_again_stays_once(make_queue: MakeQueue) -> None:
+    """The event relay may publish an event again after a crash: one message, not two."""
+    queue = await make_queue()
+    assert await queue.publish([b"e1", b"e2"], ["id-1", "id-2"]) == 2
+    assert await queue.publish([b"e1 again"], ["id-1"]) == 1
+    got = await queue.receive(10, 0)
+    assert [(d.message_id, d.body) for d in got] == [("id-1", b"e1"), ("id-2", b"e2")]
 
 
 async def test_publish_then_receive_in_order(make_queue: MakeQueue) -> None:
