@@ -17,7 +17,6 @@ lost answer made is aborted, so AEP holds exactly one live batch per request.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import structlog
@@ -27,7 +26,9 @@ from orchestrator.aep.api import Batch, BatchApi
 from orchestrator.aep.errors import AepError, AuthError
 from orchestrator.clock import Clock, sleep_until_set
 from orchestrator.owners import died_here
+from orchestrator.pipeline.reconcile import Reconciler
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
+from orchestrator.pipeline.stats import DispatchStats
 from orchestrator.store.base import BatchStore, Claim, State
 
 log = logs.get("dispatcher")
@@ -37,18 +38,6 @@ log = logs.get("dispatcher")
 RECONCILE_CHECK = 2.0
 # Look-ups a request with spent attempts may still fail before it is failed for good.
 FINAL_LOOKUP_TRIES = 5
-# A batch that can still be aborted: only one still being loaded (reference §3.4).
-ABORTABLE = "loading"
-
-
-@dataclass
-class DispatchStats:
-    created: int = 0
-    adopted: int = 0
-    failed: int = 0
-    retries: int = 0
-    released: int = 0
-    duplicates_aborted: int = 0
 
 
 class Dispatcher:
@@ -88,6 +77,7 @@ class Dispatcher:
         self._busy = True  # whether the last claim found work (see `_next_claims`)
         self._reconcile_check_at = clock.now()
         self.stats = DispatchStats()
+        self._reconciler = Reconciler(store, api, policy, clock, self.stats)
 
     @property
     def in_flight(self) -> int:
@@ -270,7 +260,7 @@ class Dispatcher:
             request_id=record.request_id, dataset_id=record.dataset_id, attempt=claim.attempt
         ):
             if record.state is State.CREATED:
-                await self._reconcile(claim)
+                await self._reconciler.reconcile(claim)
                 return
             settle_until = record.settle_until
             if claim.taken_over:
@@ -444,70 +434,6 @@ class Dispatcher:
         except Exception as error:  # noqa: BLE001 - the lease then expires and a take-over looks up
             log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
         log.warning("batch.interrupted", call_sent=creating)
-
-    # --- reconciliation ------------------------------------------------------------------------
-
-    async def _reconcile(self, claim: Claim) -> None:
-        """One more look-up for a created request whose history was ambiguous, once the window has
-        passed: every batch a lost answer made is listed by now. Extras still `loading` are
-        aborted; the recorded batch is never touched."""
-        record = claim.record
-        try:
-            found = await self._api.find_batches(record.request().external_id)
-            if record.batch_id not in {batch.id for batch in found}:
-                # The catalog does not list even the recorded batch yet: it lags more than the
-                # window, and extras made about the same time may not be listed either. Later.
-                raise CatalogBehind(f"the catalog does not list batch {record.batch_id} yet")
-            aborted = []
-            for batch in found:
-                if batch.id == record.batch_id or not batch.live:
-                    continue
-                if batch.status.lower() != ABORTABLE:
-                    log.error(
-                        "batch.duplicate_kept",
-                        batch_id=record.batch_id,
-                        duplicate_id=batch.id,
-                        duplicate_status=batch.status,
-                    )
-                    continue
-                await self._api.abort_batch(batch.id)
-                aborted.append(batch.id)
-                self.stats.duplicates_aborted += 1
-                log.warning("batch.duplicate_aborted", batch_id=record.batch_id, duplicate_id=batch.id)
-            detail = f"reconciled: aborted duplicate batches {', '.join(aborted)}" if aborted else None
-            await self._store.finish_reconciliation(claim, self._clock.now(), detail=detail)
-        except asyncio.CancelledError:
-            await asyncio.shield(self._reconcile_later(claim, None))
-            raise
-        except Exception as exc:  # noqa: BLE001 - retried later, and given up after a few tries
-            await asyncio.shield(self._reconcile_later(claim, exc))
-
-    async def _reconcile_later(self, claim: Claim, exc: Exception | None) -> None:
-        now = self._clock.now()
-        try:
-            if exc is None:  # interrupted: due again as it was
-                await self._store.finish_reconciliation(claim, now, retry_at=now)
-                return
-            error = exc.summary() if isinstance(exc, AepError) else f"{type(exc).__name__}: {exc}"[:300]
-            tries = claim.record.reconcile_tries + 1
-            if tries >= self._policy.settings.max_attempts:
-                log.error("batch.reconcile_failed", error=error, tries=tries)
-                await self._store.finish_reconciliation(
-                    claim, now, detail=f"reconciliation gave up after {tries} tries: {error}"
-                )
-                return
-            settings = self._policy.settings
-            delay = max(1.0, full_jitter(tries, settings.base_delay, settings.max_delay, self._policy.rng))
-            log.warning("batch.reconcile_retry", error=error, delay=round(delay, 3))
-            await self._store.finish_reconciliation(
-                claim, now, retry_at=now + timedelta(seconds=delay), failed=True
-            )
-        except Exception as error:  # noqa: BLE001 - the lease then expires and it is claimed again
-            log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
-
-
-class CatalogBehind(Exception):
-    """A reconciliation look-up that does not list the request's own batch: too early to judge."""
 
 
 def _later(first: datetime | None, second: datetime) -> datetime:
