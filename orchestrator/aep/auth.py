@@ -18,6 +18,7 @@ from yarl import URL
 from orchestrator import logs
 from orchestrator.aep.errors import AepHttpError, AuthError
 from orchestrator.clock import Clock
+from orchestrator.observe import NULL, Observer
 from orchestrator.settings import AepSettings
 
 log = logs.get("auth")
@@ -166,11 +167,13 @@ class ImsTokenProvider:
         session: aiohttp.ClientSession,
         clock: Clock,
         rng: random.Random | None = None,
+        observer: Observer = NULL,
     ) -> None:
         self._settings = settings
         self._session = session
         self._clock = clock
         self._rng = rng or random.Random()
+        self._observer = observer
         self._url = URL(str(settings.ims_url)).joinpath("ims", "token", "v3")
         self._timeout = aiohttp.ClientTimeout(
             total=settings.timeout,
@@ -258,6 +261,7 @@ class ImsTokenProvider:
             token, lifetime = await self._request()
         except AuthError as exc:
             self._failures += 1
+            self._observer.token_fetched(ok=False)
             delay = max(
                 backoff_delay(self._failures, self._rng, permanent=exc.permanent),
                 _retry_after_seconds(exc.retry_after),
@@ -283,6 +287,7 @@ class ImsTokenProvider:
         self._refresh_at = started + lifetime - margin
         self._failure = None
         self._failures = 0
+        self._observer.token_fetched(ok=True)
         log.info("auth.token_fetched", expires_in=lifetime, refresh_in=round(lifetime - margin, 3))
         return token
 
@@ -367,11 +372,13 @@ def _retry_after_seconds(header: str | None) -> float:
         return 0.0
 
 
-def token_provider(settings: AepSettings, session: aiohttp.ClientSession, clock: Clock) -> TokenProvider:
+def token_provider(
+    settings: AepSettings, session: aiohttp.ClientSession, clock: Clock, observer: Observer = NULL
+) -> TokenProvider:
     """The fixed token when `ORCH_AEP__ACCESS_TOKEN` is set, IMS client credentials otherwise."""
     if settings.access_token is not None:
         return StaticToken(settings.access_token, clock)
-    return ImsTokenProvider(settings, session, clock)
+    return ImsTokenProvider(settings, session, clock, observer=observer)
 
 
 def _again(failure: AuthError) -> AuthError:

@@ -23,6 +23,7 @@ from orchestrator.aep.api import Batch, CallGate
 from orchestrator.aep.auth import TokenProvider, TokenRefused
 from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError
 from orchestrator.messages import BatchRequest
+from orchestrator.observe import NULL, Observer
 from orchestrator.settings import AepSettings
 
 log = logs.get("aep")
@@ -57,10 +58,12 @@ class AepClient:
         session: aiohttp.ClientSession,
         tokens: TokenProvider,
         gate: CallGate | None = None,
+        observer: Observer = NULL,
     ) -> None:
         self._session = session
         self._tokens = tokens
         self._gate = gate
+        self._observer = observer
         base = URL(str(settings.base_url))
         self._create_url = base.joinpath("data", "foundation", "import", "batches")
         self._catalog_url = base.joinpath("data", "foundation", "catalog", "batches")
@@ -297,10 +300,10 @@ class AepClient:
                 f"{endpoint}: {type(exc).__name__}: {exc}"[:MAX_DETAIL], endpoint=endpoint, maybe_sent=True
             ) from exc
         finally:
+            duration = loop.time() - started
+            self._observer.aep_call(endpoint, status, duration)
             if _stdlib_log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "aep.call", endpoint=endpoint, status=status, duration=round(loop.time() - started, 4)
-                )
+                log.debug("aep.call", endpoint=endpoint, status=status, duration=round(duration, 4))
 
 
 def _http_error(endpoint: str, reply: _Reply) -> AepHttpError:

@@ -25,6 +25,7 @@ from orchestrator import logs
 from orchestrator.aep.api import Batch, BatchApi
 from orchestrator.aep.errors import AepError, AuthError
 from orchestrator.clock import Clock, sleep_until_set
+from orchestrator.observe import NULL, Observer
 from orchestrator.owners import died_here
 from orchestrator.pipeline.reconcile import Reconciler
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
@@ -55,8 +56,10 @@ class Dispatcher:
         catalog_settle: float = 0.0,
         poll_interval: float = 0.5,
         wake: asyncio.Event | None = None,
+        observer: Observer = NULL,
     ) -> None:
         self._store = store
+        self._observer = observer
         self._api = api
         self._policy = policy
         self._clock = clock
@@ -77,7 +80,7 @@ class Dispatcher:
         self._busy = True  # whether the last claim found work (see `_next_claims`)
         self._reconcile_check_at = clock.now()
         self.stats = DispatchStats()
-        self._reconciler = Reconciler(store, api, policy, clock, self.stats)
+        self._reconciler = Reconciler(store, api, policy, clock, self.stats, observer)
 
     @property
     def in_flight(self) -> int:
@@ -164,6 +167,7 @@ class Dispatcher:
                         self._lease_until[task] = until
                 elif not task.done():
                     log.error("dispatcher.lease_lost", request_id=claim.record.request_id)
+                    self._observer.lease_lost()
                     task.cancel()
 
     def _abandon(self, held: dict[asyncio.Task[None], Claim], next_try: datetime) -> None:
@@ -171,6 +175,7 @@ class Dispatcher:
             expires = self._lease_until.get(task)
             if expires is not None and expires <= next_try and not task.done():
                 log.error("dispatcher.lease_abandoned", request_id=claim.record.request_id)
+                self._observer.lease_lost()
                 task.cancel()
 
     async def drain(self, grace: float) -> None:
@@ -247,12 +252,14 @@ class Dispatcher:
         if not self._waiting_for_credentials:
             log.error("dispatcher.waiting_for_credentials", error=exc.summary())
             self._waiting_for_credentials = True
+            self._observer.credentials(refused=True)
         self._credentials_problem = exc.summary()
 
     def _credentials_worked(self) -> None:
         if self._waiting_for_credentials:
             log.info("dispatcher.credentials_restored")
             self._waiting_for_credentials = False
+            self._observer.credentials(refused=False)
 
     async def _handle(self, claim: Claim) -> None:
         record = claim.record
@@ -332,6 +339,7 @@ class Dispatcher:
         if not kept:
             log.warning("dispatcher.lease_lost", batch_id=batch.id)
             return
+        self._observer.request_finished("adopted" if adopted else "created")
         if adopted:
             self.stats.adopted += 1
             log.info("batch.adopted", batch_id=batch.id, batch_status=batch.status, found=len(batches))
@@ -377,6 +385,7 @@ class Dispatcher:
                 claim, error, next_at, ambiguous=ambiguous, now=now, settle_until=settle_until
             ):
                 self._wake.set()  # the claim loop may be sleeping past this retry's due time
+                self._observer.retry_scheduled(decision.reason.split(":", 1)[0])
                 log.warning(
                     "retry.scheduled",
                     error=error,
@@ -388,6 +397,7 @@ class Dispatcher:
         # Counted only when written: a lost lease means another dispatcher owns the outcome.
         if await self._store.mark_failed(claim, error, now, count_attempt=count_attempt):
             self.stats.failed += 1
+            self._observer.request_finished("failed")
             log.error("batch.failed", error=error)
 
     async def _final_lookup(

@@ -17,10 +17,13 @@ import structlog
 from orchestrator import logs
 from orchestrator.clock import Clock, sleep_until_set
 from orchestrator.messages import InvalidMessage, parse_message
+from orchestrator.observe import NULL, Observer
 from orchestrator.queues.base import Delivery, Queue
 from orchestrator.store.base import AddResult, BatchStore
 
 log = logs.get("intake")
+
+_RESULTS = {AddResult.ADDED: "accepted", AddResult.DUPLICATE: "duplicate", AddResult.CONFLICT: "conflict"}
 
 
 @dataclass
@@ -42,7 +45,9 @@ class Intake:
         batch_size: int = 64,
         poll_timeout: float = 0.5,
         on_added: asyncio.Event | None = None,
+        observer: Observer = NULL,
     ) -> None:
+        self._observer = observer
         self._queue = queue
         self._store = store
         self._clock = clock
@@ -83,6 +88,7 @@ class Intake:
             ):
                 result = await self._store.add(request, self._clock.now())
                 await self._queue.ack(delivery)
+                self._observer.message(_RESULTS[result])
                 if result is AddResult.ADDED:
                     self.stats.added += 1
                     log.info("intake.accepted", delivery_attempt=delivery.attempt)
@@ -100,6 +106,7 @@ class Intake:
 
     async def _reject(self, delivery: Delivery, reason: str) -> None:
         self.stats.rejected += 1
+        self._observer.message("rejected")
         log.warning("intake.rejected", reason=reason)
         # Recorded on every broker, so `batches --state rejected` tells the same story everywhere;
         # recorded first, so a crash before the dead letter redelivers rather than loses it.

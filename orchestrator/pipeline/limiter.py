@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from orchestrator import logs
 from orchestrator.clock import Clock, SystemClock
+from orchestrator.observe import NULL, Observer
 from orchestrator.pipeline.retry import parse_retry_after
 from orchestrator.settings import LimitSettings
 
@@ -189,9 +190,15 @@ class Limiter:
     """The `CallGate`: a concurrency slot, the shared pause, then the adaptive rate."""
 
     def __init__(
-        self, settings: LimitSettings, clock: Clock | None = None, *, pause_cap: float = 60.0
+        self,
+        settings: LimitSettings,
+        clock: Clock | None = None,
+        *,
+        pause_cap: float = 60.0,
+        observer: Observer = NULL,
     ) -> None:
         self._clock = clock or SystemClock()
+        self._observer = observer
         self._controller = RateController(settings.rate, settings.period, self._clock, pause_cap=pause_cap)
         self._throttler = SlidingLog(settings.rate, settings.period, self._clock)
         self._apply_rate()
@@ -226,6 +233,7 @@ class Limiter:
         # Semaphore FIRST: a call takes its rate token only once it can actually start. Taking the
         # token first would let calls queue on the semaphore holding tokens that were "spent" earlier,
         # then start in a bunch when slots free up: more starts per window at the server than the rate.
+        asked = self._clock.monotonic()
         async with self._semaphore:
             while True:
                 remaining = self._controller.pause_remaining()
@@ -240,6 +248,7 @@ class Limiter:
                 # stays spent, which only errs on the slow side.
                 if self._controller.pause_remaining() <= 0:
                     break
+            self._observer.limiter_waited(self._clock.monotonic() - asked)
             self._in_flight += 1
             try:
                 yield
@@ -259,6 +268,7 @@ class Limiter:
         self._throttle_signals += 1
         outcome = self._controller.on_throttle(retry_after)
         if outcome.paused > 0:
+            self._observer.limiter_paused(outcome.paused)
             log.warning(
                 "limiter.paused",
                 seconds=round(self._controller.pause_remaining(), 3),
@@ -293,6 +303,7 @@ class Limiter:
             self._recovery_logged_rate = change.new_rate
 
     def _apply_rate(self) -> None:
+        self._observer.rate_changed(self._controller.effective_rate)
         rate_limit, period = throttler_params(self._controller.effective_rate, self._controller.period)
         self._throttler.rate_limit = rate_limit
         # The log counts starts as this process sees them; AEP counts arrivals, which a busy event

@@ -12,6 +12,7 @@ from orchestrator import logs
 from orchestrator.aep.api import BatchApi
 from orchestrator.aep.errors import AepError
 from orchestrator.clock import Clock
+from orchestrator.observe import NULL, Observer
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
 from orchestrator.pipeline.stats import DispatchStats
 from orchestrator.store.base import BatchStore, Claim
@@ -28,8 +29,15 @@ class CatalogBehind(Exception):
 
 class Reconciler:
     def __init__(
-        self, store: BatchStore, api: BatchApi, policy: RetryPolicy, clock: Clock, stats: DispatchStats
+        self,
+        store: BatchStore,
+        api: BatchApi,
+        policy: RetryPolicy,
+        clock: Clock,
+        stats: DispatchStats,
+        observer: Observer = NULL,
     ) -> None:
+        self._observer = observer
         self._store = store
         self._api = api
         self._policy = policy
@@ -62,6 +70,7 @@ class Reconciler:
                 await self._api.abort_batch(batch.id)
                 aborted.append(batch.id)
                 self._stats.duplicates_aborted += 1
+                self._observer.duplicate_aborted()
                 log.warning("batch.duplicate_aborted", batch_id=record.batch_id, duplicate_id=batch.id)
             detail = f"reconciled: aborted duplicate batches {', '.join(aborted)}" if aborted else None
             await self._store.finish_reconciliation(claim, self._clock.now(), detail=detail)
