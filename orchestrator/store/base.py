@@ -6,6 +6,7 @@ every broker and survive restarts; it is also what the later upload steps read.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -98,6 +99,46 @@ class Claim:
     # The previous holder's lease had expired: it died or stalled, maybe mid-create, so its batch
     # may exist and may not be listed yet.
     taken_over: bool = False
+
+
+# The event a request's arrival in each of these states publishes (ORCH_EVENTS__URL).
+EVENT_TYPES = {State.CREATED: "batch.created", State.FAILED: "batch.failed"}
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """A batch event in the outbox, written with the state change it reports and kept until the
+    relay has published it. `position` orders the outbox (oldest first); `event_id` is the event's
+    identity, also its message id, so a repeat (published, then a crash before its row was deleted)
+    is recognisable; `body` is the JSON message."""
+
+    position: int
+    event_id: str
+    body: bytes
+
+
+def event_body(
+    event_id: str,
+    state: State,
+    *,
+    request_id: str,
+    dataset_id: str,
+    batch_id: str | None,
+    batch_status: str | None,
+    error: str | None,
+    at: datetime,
+) -> dict[str, object]:
+    """The contract's event for a request that reached `state` (created or failed) at `at`."""
+    return {
+        "type": EVENT_TYPES[state],
+        "eventId": event_id,
+        "requestId": request_id,
+        "datasetId": dataset_id,
+        "batchId": batch_id,
+        "batchStatus": batch_status,
+        "error": error,
+        "at": _iso(at),
+    }
 
 
 class AddResult(StrEnum):
@@ -209,6 +250,9 @@ class BatchStore(Protocol):
     async def unfinished(self) -> int:
         """How many requests are pending or retrying (intake backpressure)."""
 
+    async def oldest_unfinished(self) -> datetime | None:
+        """When the oldest request still pending or retrying was recorded (None when none is)."""
+
     async def get(self, request_id: str) -> BatchRecord | None: ...
 
     async def records(
@@ -218,6 +262,22 @@ class BatchStore(Protocol):
 
     async def history(self, request_id: str) -> list[StateChange]:
         """The append-only trail of a request's state changes, oldest first."""
+
+    # --- the event outbox (written only by a store made with events on) -------------------------
+
+    @property
+    def events_written(self) -> asyncio.Event:
+        """Set once a transaction that wrote outbox rows has committed (wakes the relay; whoever
+        waits on it clears it)."""
+
+    async def outbox(self, limit: int) -> list[OutboxEvent]:
+        """Up to `limit` events waiting in the outbox, oldest first."""
+
+    async def events_sent(self, positions: Sequence[int]) -> None:
+        """The broker has confirmed these events: remove them from the outbox."""
+
+    async def events_waiting(self) -> int:
+        """How many events wait in the outbox (`--until-idle`, metrics)."""
 
 
 @dataclass(frozen=True)

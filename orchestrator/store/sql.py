@@ -34,6 +34,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Row,
     RowMapping,
     Table,
     Text,
@@ -41,6 +42,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Update,
     bindparam,
+    delete,
     false,
     func,
     insert,
@@ -56,7 +58,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from orchestrator.messages import BatchRequest
-from orchestrator.store.base import AddResult, BatchRecord, Claim, State, StateChange
+from orchestrator.store.base import (
+    EVENT_TYPES,
+    AddResult,
+    BatchRecord,
+    Claim,
+    OutboxEvent,
+    State,
+    StateChange,
+    event_body,
+)
 from orchestrator.store.engine import async_url, open_engine, reader
 
 MIGRATIONS = Path(__file__).with_name("migrations")
@@ -174,9 +185,29 @@ batch_event = Table(
     Index("ix_batch_event_request", "batch_request_id", "id"),
 )
 
+# Batch events waiting for the relay (ORCH_EVENTS__URL), written with the state change they report.
+event_outbox = Table(
+    "event_outbox",
+    metadata,
+    Column("id", _Id, primary_key=True),  # the publishing order
+    Column("event_id", Text, nullable=False),  # also the message id: a repeat is recognisable
+    Column("body", Text, nullable=False),  # the event's JSON
+    Column("created_at", UtcDateTime, nullable=False),
+    UniqueConstraint("event_id", name="uq_event_outbox_event_id"),
+)
+
 _UNFINISHED = batch_request.c.state.in_([State.PENDING.value, State.RETRYING.value])
 _DUE = batch_request.c.next_attempt_at.is_not(None)  # the same rows (ck_batch_request_due)
 _NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
+# What a fenced update hands back: the row's key, and what an event reports of the outcome.
+_OUTCOME = (
+    batch_request.c.id,
+    batch_request.c.request_id,
+    batch_request.c.dataset_id,
+    batch_request.c.batch_id,
+    batch_request.c.batch_status,
+    batch_request.c.last_error,
+)
 
 
 @functools.lru_cache(maxsize=32)
@@ -204,7 +235,7 @@ def _build_fenced_update(columns: tuple[str, ...], expressions: dict[str, Clause
             batch_request.c.lease_token == bindparam("fence_lease"),
         )
         .values(**binds, **expressions, **_NO_LEASE)
-        .returning(batch_request.c.id)
+        .returning(*_OUTCOME)
     )
 
 
@@ -240,13 +271,19 @@ class SqlBatchStore:
     multi-row INSERT. The order of operations is the order of the calls. If anything in a batch
     fails, the batch is rolled back and each operation is retried alone, so one bad call cannot
     fail its neighbours. Cancelling a caller does not withdraw its write.
+
+    With `events` on (ORCH_EVENTS__URL is set), a request's move to `created` or `failed` also
+    writes its batch event to the outbox, in the same transaction: the event exists exactly when
+    the state change does, whatever happens to the process before the relay publishes it.
     """
 
     MAX_BATCH = 256
 
-    def __init__(self, url: str, *, pool_size: int | None = None) -> None:
+    def __init__(self, url: str, *, pool_size: int | None = None, events: bool = False) -> None:
         self.url = url
         self._pool_size = pool_size
+        self._events = events
+        self._events_written = asyncio.Event()
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
         self._postgres = False
@@ -609,12 +646,15 @@ class SqlBatchStore:
         parameters.update(fence_request_id=claim.record.request_id, fence_lease=claim.lease)
 
         async def run(tx: _Tx) -> bool:
-            pk = (await tx.connection.execute(statement, parameters)).scalar_one_or_none()
-            if pk is None:
+            row = (await tx.connection.execute(statement, parameters)).one_or_none()
+            if row is None:
                 return False
             if to_state is not None:
                 # The lease fenced every change since the claim, so the state is still the claimed one.
-                tx.trail(pk, now, claim.record.state, to_state, claim.attempt, detail)
+                tx.trail(row.id, now, claim.record.state, to_state, claim.attempt, detail)
+                # A reconciliation's trail row (created to created) is no arrival: no event.
+                if self._events and to_state in EVENT_TYPES and claim.record.state is not to_state:
+                    tx.event(to_state, row, now)
             return True
 
         done: bool = await self._write(_Op(run=run))
@@ -674,6 +714,8 @@ class SqlBatchStore:
                         assert op.run is not None  # an op is either an add or a run
                         results.append(await op.run(tx))
             await tx.flush()
+        if tx.wrote_events:  # committed: the relay can read them now
+            self._events_written.set()
         return results
 
     async def _add_many(self, tx: _Tx, requests: list[tuple[BatchRequest, datetime]]) -> list[AddResult]:
@@ -742,6 +784,14 @@ class SqlBatchStore:
         async with self._read.connect() as connection:
             return int((await connection.execute(statement)).scalar_one())
 
+    async def oldest_unfinished(self) -> datetime | None:
+        # The due index holds exactly the unfinished rows; their creation times are not indexed,
+        # so this reads them all: it runs every few seconds for the metrics, not per request.
+        statement = select(func.min(batch_request.c.created_at)).where(_DUE)
+        async with self._read.connect() as connection:
+            oldest: datetime | None = (await connection.execute(statement)).scalar_one_or_none()
+        return oldest
+
     async def get(self, request_id: str) -> BatchRecord | None:
         statement = select(batch_request).where(batch_request.c.request_id == request_id)
         async with self._read.connect() as connection:
@@ -761,6 +811,37 @@ class SqlBatchStore:
         async with self._read.connect() as connection:
             rows = (await connection.execute(statement)).mappings().all()
         return [_record(row) for row in rows]
+
+    # --- the event outbox ---------------------------------------------------------------------------
+
+    @property
+    def events_written(self) -> asyncio.Event:
+        return self._events_written
+
+    async def outbox(self, limit: int) -> list[OutboxEvent]:
+        statement = (
+            select(event_outbox.c.id, event_outbox.c.event_id, event_outbox.c.body)
+            .order_by(event_outbox.c.id)
+            .limit(limit)
+        )
+        async with self._read.connect() as connection:
+            rows = (await connection.execute(statement)).all()
+        return [OutboxEvent(position, event_id, body.encode()) for position, event_id, body in rows]
+
+    async def events_sent(self, positions: Sequence[int]) -> None:
+        if not positions:
+            return
+        statement = delete(event_outbox).where(event_outbox.c.id.in_(list(positions)))
+
+        async def run(tx: _Tx) -> None:
+            await tx.connection.execute(statement)
+
+        await self._write(_Op(run=run))
+
+    async def events_waiting(self) -> int:
+        statement = select(func.count()).select_from(event_outbox)
+        async with self._read.connect() as connection:
+            return int((await connection.execute(statement)).scalar_one())
 
     async def history(self, request_id: str) -> list[StateChange]:
         statement = (
@@ -816,11 +897,13 @@ class _Op:
 
 
 class _Tx:
-    """A write transaction, collecting its trail rows to insert in one statement before commit."""
+    """A write transaction, collecting its trail and outbox rows to insert before commit."""
 
     def __init__(self, connection: AsyncConnection) -> None:
         self.connection = connection
         self._trail: list[dict[str, Any]] = []
+        self._outbox: list[dict[str, Any]] = []
+        self.wrote_events = False
 
     def trail(
         self,
@@ -843,10 +926,32 @@ class _Tx:
             }
         )
 
+    def event(self, state: State, outcome: Row[Any], at: datetime) -> None:
+        """Put the batch event of a request that reached `state` in the outbox, in the transaction
+        of that change; `outcome` is the request's row as the change left it (the recorded batch)."""
+        event_id = str(uuid4())  # one per state change: a repeat of it is the same event
+        body = event_body(
+            event_id,
+            state,
+            request_id=outcome.request_id,
+            dataset_id=outcome.dataset_id,
+            batch_id=outcome.batch_id,
+            batch_status=outcome.batch_status,
+            error=outcome.last_error if state is State.FAILED else None,
+            at=at,
+        )
+        self._outbox.append(
+            {"event_id": event_id, "body": json.dumps(body, separators=(",", ":")), "created_at": at}
+        )
+
     async def flush(self) -> None:
         if self._trail:
             await self.connection.execute(insert(batch_event), self._trail)
             self._trail = []
+        if self._outbox:
+            await self.connection.execute(insert(event_outbox), self._outbox)
+            self._outbox = []
+            self.wrote_events = True
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
