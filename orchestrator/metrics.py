@@ -26,7 +26,7 @@ __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
 # `*_created` series (when each counter was made) double the exposition and tell an operator nothing
 # a restart does not already say.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # the library leaves it unannotated
 
 # Platform calls take tens of milliseconds to the whole timeout (30 s by default).
 CALL_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
