@@ -260,6 +260,12 @@ class BatchStore(Protocol):
     ) -> list[BatchRecord]:
         """Records oldest first, optionally filtered."""
 
+    async def page(
+        self, state: State | None, dataset_id: str | None, after: int, limit: int
+    ) -> tuple[list[BatchRecord], int | None]:
+        """Up to `limit` records in the order they were recorded, after the cursor `after` (0 for
+        the first page); the cursor of the next page, None on the last."""
+
     async def history(self, request_id: str) -> list[StateChange]:
         """The append-only trail of a request's state changes, oldest first."""
 

@@ -812,6 +812,25 @@ class SqlBatchStore:
             rows = (await connection.execute(statement)).mappings().all()
         return [_record(row) for row in rows]
 
+    async def page(
+        self, state: State | None, dataset_id: str | None, after: int, limit: int
+    ) -> tuple[list[BatchRecord], int | None]:
+        statement = (
+            select(batch_request)
+            .where(batch_request.c.id > after)
+            .order_by(batch_request.c.id)
+            .limit(limit + 1)
+        )
+        if state is not None:
+            statement = statement.where(batch_request.c.state == state.value)
+        if dataset_id is not None:
+            statement = statement.where(batch_request.c.dataset_id == dataset_id)
+        async with self._read.connect() as connection:
+            rows = (await connection.execute(statement)).mappings().all()
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return [_record(row) for row in rows], (rows[-1]["id"] if more else None)
+
     # --- the event outbox ---------------------------------------------------------------------------
 
     @property
