@@ -13,7 +13,6 @@ from orchestrator.messages import BatchRequest
 from orchestrator.metrics import Metrics
 from orchestrator.store.sql import SqlBatchStore
 
-
 Client = TestClient[object, object]
 
 
