@@ -10,7 +10,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiohttp
 
@@ -18,12 +18,13 @@ from orchestrator import logs
 from orchestrator.aep.auth import token_provider
 from orchestrator.aep.client import AepClient
 from orchestrator.clock import Clock, SystemClock, sleep_until_set
+from orchestrator.events import FLUSH_GRACE, EventRelay
 from orchestrator.owners import process_owner
 from orchestrator.pipeline.dispatcher import Dispatcher
 from orchestrator.pipeline.intake import Intake
 from orchestrator.pipeline.limiter import Limiter
 from orchestrator.pipeline.retry import RetryBudget, RetryPolicy
-from orchestrator.queues import open_queue
+from orchestrator.queues import open_publisher, open_queue
 from orchestrator.queues.base import Queue
 from orchestrator.settings import Settings
 from orchestrator.store.base import BatchStore
@@ -57,6 +58,8 @@ class Components:
     dispatcher: Dispatcher
     # The SQLite files behind the store and the queue, watched while the service runs.
     files: tuple[OpenedFile, ...] = ()
+    # Publishes the batch events of the store's outbox (only with ORCH_EVENTS__URL set).
+    relay: EventRelay | None = None
 
 
 @dataclass(frozen=True)
@@ -128,8 +131,15 @@ class CredentialsWait:
 
 @contextlib.asynccontextmanager
 async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Components]:
-    store: BatchStore = SqlBatchStore(settings.store.url)
+    events = settings.events
+    store: BatchStore = SqlBatchStore(settings.store.url, events=events.url is not None)
     queue = open_queue(settings.queue.url, settings.queue.name)
+    relay = None
+    if events.url is not None:
+        # Made (not connected) before anything opens: an events URL without an adapter is a
+        # configuration error, found before the service starts. The relay connects, and reconnects.
+        publisher = open_publisher(events.url, events.name, setting="ORCH_EVENTS__URL")
+        relay = EventRelay(store, publisher, clock)
     await store.open()
     try:
         await queue.open()
@@ -167,9 +177,12 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
                         catalog_settle=settings.aep.catalog_settle,
                         wake=wake,
                     ),
+                    relay=relay,
                 )
         finally:
             await queue.close()
+            if relay is not None:
+                await relay.close()
     finally:
         await store.close()
 
@@ -205,13 +218,22 @@ async def run(
                 _watch(parts, stop, clock, until_idle, on_progress, settings.aep.credentials_wait),
                 name="watch",
             )
-            await asyncio.wait({intake_task, dispatch_task, watcher}, return_when=asyncio.FIRST_EXCEPTION)
+            tasks: tuple[asyncio.Task[Any], ...] = (intake_task, dispatch_task, watcher)
+            relay_task = None
+            if parts.relay is not None:
+                # It runs on through the dispatcher's drain below, so the events of the calls
+                # finishing then go out too; a broker error never ends it, only a bug would.
+                relay_task = parts.relay.start()
+            await _supervise(tasks, relay_task)
+            if relay_task is not None:
+                tasks += (relay_task,)
             stop.set()
             await asyncio.gather(intake_task, dispatch_task, watcher, return_exceptions=True)
             ending = "stopped" if watcher.exception() is not None else watcher.result()
             # With the store's file gone, nothing a call in flight records survives: stop them all.
             await parts.dispatcher.drain(0.0 if ending == "store_lost" else settings.shutdown.grace)
-            tasks = (intake_task, dispatch_task, watcher)
+            if parts.relay is not None:
+                await parts.relay.stop(0.0 if ending == "store_lost" else FLUSH_GRACE)
             failure = next((t.exception() for t in tasks if not t.cancelled() and t.exception()), None)
             if failure is not None:
                 log.error("service.crashed", exc_info=failure)
@@ -231,6 +253,16 @@ async def run(
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
+
+
+async def _supervise(tasks: tuple[asyncio.Task[Any], ...], beside: asyncio.Task[Any] | None) -> None:
+    """Wait until every one of `tasks` has ended or one has failed, or until `beside` (a task that
+    runs until told to stop, so it ending at all means it broke) has ended."""
+    pending = set(tasks) if beside is None else {*tasks, beside}
+    while pending.intersection(tasks):
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        if beside in done or any(not task.cancelled() and task.exception() for task in done):
+            return
 
 
 # Why the watcher stopped the service: the work was done, it gave up (an error event says why: the
@@ -262,9 +294,9 @@ async def _watch(
     credentials_wait: float,
 ) -> Ending:
     """Report progress; stop when the store's or the queue's file is lost; with `until_idle`, stop
-    once the queue is empty and nothing waits for a call or a retry, or after `credentials_wait`
-    seconds of refused credentials. Idle must hold on two checks in a row: a message can sit
-    between the queue and the store for an instant (received, not yet recorded)."""
+    once the queue is empty, nothing waits for a call or a retry and no event waits in the outbox, or
+    after `credentials_wait` seconds of refused credentials. Idle must hold on two checks in a row: a
+    message can sit between the queue and the store for an instant (received, not yet recorded)."""
     idle_checks = 0
     refused = CredentialsWait(credentials_wait)
     while not stop.is_set():
@@ -292,6 +324,8 @@ async def _watch(
             and await parts.store.unfinished() == 0
             and await parts.store.pending_reconciliations() == 0
             and await parts.queue.is_empty()
+            # Every event published (rows of a run without events on are not waited for).
+            and (parts.relay is None or await parts.store.events_waiting() == 0)
         )
         idle_checks = idle_checks + 1 if idle else 0
         if idle_checks >= 2:

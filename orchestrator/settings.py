@@ -208,6 +208,12 @@ class EventSettings(Section):
     url: str | None = None
     name: str = "aep.batch-events"
 
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str | None) -> str | None:
+        # The brokers of the queue, and a SQLite file (an in-memory one would lose every event).
+        return None if value is None else QueueSettings._known_scheme(value)
+
 
 class LogSettings(Section):
     format: Literal["json", "console"] = "json"
