@@ -15,12 +15,12 @@ from orchestrator.settings import ConfigError
 # scheme -> (module, class, extra that installs its client, broker name)
 _ADAPTERS: dict[str, tuple[str, str, str | None, str]] = {
     "sqlite": ("orchestrator.queues.sqlite", "SqliteQueue", None, "embedded SQLite"),
+    "redis": ("orchestrator.queues.redis", "RedisStreamQueue", "redis", "Redis"),
+    "rediss": ("orchestrator.queues.redis", "RedisStreamQueue", "redis", "Redis"),
 }
 _KNOWN = {
     "amqp": "RabbitMQ",
     "amqps": "RabbitMQ",
-    "redis": "Redis",
-    "rediss": "Redis",
     "nats": "NATS",
     "tls": "NATS",
 }

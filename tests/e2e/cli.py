@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,3 +96,29 @@ def events(stderr: str) -> list[dict[str, Any]]:
         if line.startswith("{"):
             found.append(json.loads(line))
     return found
+
+
+async def until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30.0) -> None:
+    """Poll `check` (what a broker or the simulator holds, which has no event to await) until it
+    holds; fail naming `what` after `timeout` seconds."""
+    try:
+        async with asyncio.timeout(timeout):
+            while not await check():  # noqa: ASYNC110 - nothing to await instead
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout}s waiting for {what}") from None
+
+
+async def kill_9_underway(
+    service: Process, batches: Callable[[], int], total: int, at_least: int = 5
+) -> None:
+    """Kill `service` with SIGKILL once `batches()` (the simulator's count) reaches `at_least`, and
+    check that the kill came before all `total` were made: a kill after the end tests nothing."""
+
+    async def underway() -> bool:
+        return batches() >= at_least
+
+    await until(underway, "the first batches")
+    service.signal(signal.SIGKILL)
+    assert (await service.wait()).code == -signal.SIGKILL
+    assert batches() < total, "the kill came too late to test anything"

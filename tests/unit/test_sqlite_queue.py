@@ -392,7 +392,6 @@ async def test_open_queue_chooses_by_scheme(tmp_path: Path) -> None:
     assert queue.name == "named"
     for url, broker in [
         ("amqp://guest@localhost/", "RabbitMQ"),
-        ("redis://localhost:6379/0", "Redis"),
         ("nats://localhost:4222", "NATS"),
     ]:
         with pytest.raises(ConfigError, match=f"ORCH_QUEUE__URL: the {broker} .*not available yet"):
