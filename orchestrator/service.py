@@ -19,6 +19,9 @@ from orchestrator.aep.auth import token_provider
 from orchestrator.aep.client import AepClient
 from orchestrator.clock import Clock, SystemClock, sleep_until_set
 from orchestrator.events import FLUSH_GRACE, EventRelay
+from orchestrator.metrics import Metrics
+from orchestrator.monitoring import Monitor, start_http
+from orchestrator.observe import NULL, Observer
 from orchestrator.owners import process_owner
 from orchestrator.pipeline.dispatcher import Dispatcher
 from orchestrator.pipeline.intake import Intake
@@ -130,7 +133,9 @@ class CredentialsWait:
 
 
 @contextlib.asynccontextmanager
-async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Components]:
+async def open_components(
+    settings: Settings, clock: Clock, observer: Observer = NULL
+) -> AsyncIterator[Components]:
     events = settings.events
     store: BatchStore = SqlBatchStore(settings.store.url, events=events.url is not None)
     queue = open_queue(settings.queue.url, settings.queue.name)
@@ -150,9 +155,9 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
             async with aiohttp.ClientSession(connector=connector) as session:
                 policy = RetryPolicy(settings.retry, random.Random(), RetryBudget())
                 # One cap on Retry-After for both: the shared pause and the request's own retry.
-                limiter = Limiter(settings.limits, clock, pause_cap=policy.retry_after_cap)
-                tokens = token_provider(settings.aep, session, clock)
-                client = AepClient(settings.aep, session, tokens, gate=limiter)
+                limiter = Limiter(settings.limits, clock, pause_cap=policy.retry_after_cap, observer=observer)
+                tokens = token_provider(settings.aep, session, clock, observer)
+                client = AepClient(settings.aep, session, tokens, gate=limiter, observer=observer)
                 wake = asyncio.Event()
                 owner = process_owner()
                 yield Components(
@@ -163,7 +168,12 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
                     limiter=limiter,
                     client=client,
                     intake=Intake(
-                        queue, store, clock, max_backlog=settings.limits.max_backlog, on_added=wake
+                        queue,
+                        store,
+                        clock,
+                        max_backlog=settings.limits.max_backlog,
+                        on_added=wake,
+                        observer=observer,
                     ),
                     dispatcher=Dispatcher(
                         store,
@@ -176,6 +186,7 @@ async def open_components(settings: Settings, clock: Clock) -> AsyncIterator[Com
                         default_format=settings.aep.input_format,
                         catalog_settle=settings.aep.catalog_settle,
                         wake=wake,
+                        observer=observer,
                     ),
                     relay=relay,
                 )
@@ -202,8 +213,13 @@ async def run(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _on_signal, stop, sig)
+    metrics = Metrics()
     try:
-        async with open_components(settings, clock) as parts:
+        async with open_components(settings, clock, metrics) as parts:
+            monitor = Monitor(
+                metrics, parts.store, parts.queue, parts.dispatcher, clock, events=parts.relay is not None
+            )
+            http = await start_http(monitor, parts.store, settings.http.host, settings.http.port)
             log.info(
                 "service.started",
                 queue=settings.queue.name,
@@ -219,6 +235,9 @@ async def run(
                 name="watch",
             )
             tasks: tuple[asyncio.Task[Any], ...] = (intake_task, dispatch_task, watcher)
+            for task in tasks:
+                monitor.watch(task.get_name(), task)
+            monitoring = asyncio.create_task(monitor.run(stop), name="monitoring")
             relay_task = None
             if parts.relay is not None:
                 # It runs on through the dispatcher's drain below, so the events of the calls
@@ -228,12 +247,16 @@ async def run(
             if relay_task is not None:
                 tasks += (relay_task,)
             stop.set()
+            monitor.stopping()
             await asyncio.gather(intake_task, dispatch_task, watcher, return_exceptions=True)
             ending = "stopped" if watcher.exception() is not None else watcher.result()
             # With the store's file gone, nothing a call in flight records survives: stop them all.
             await parts.dispatcher.drain(0.0 if ending == "store_lost" else settings.shutdown.grace)
             if parts.relay is not None:
                 await parts.relay.stop(0.0 if ending == "store_lost" else FLUSH_GRACE)
+            await asyncio.gather(monitoring, return_exceptions=True)
+            if http is not None:
+                await http.cleanup()
             failure = next((t.exception() for t in tasks if not t.cancelled() and t.exception()), None)
             if failure is not None:
                 log.error("service.crashed", exc_info=failure)

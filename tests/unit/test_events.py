@@ -26,7 +26,7 @@ from orchestrator.clock import ManualClock
 from orchestrator.events import BASE_DELAY, MAX_DELAY, POLL_INTERVAL, EventRelay
 from orchestrator.messages import BatchRequest
 from orchestrator.queues.sqlite import SqliteQueue
-from orchestrator.settings import EventSettings, QueueSettings, Settings, StoreSettings
+from orchestrator.settings import EventSettings, HttpSettings, QueueSettings, Settings, StoreSettings
 from orchestrator.store.base import Claim, State
 from orchestrator.store.engine import create_engine
 from orchestrator.store.sql import SqlBatchStore
@@ -426,6 +426,7 @@ async def test_until_idle_waits_until_every_event_is_published(
         store=StoreSettings(url=f"sqlite:///{tmp_path}/store.db"),
         queue=QueueSettings(url=f"sqlite:///{tmp_path}/queue.db"),
         events=EventSettings(url=f"sqlite:///{events_file}", name="test.events"),
+        http=HttpSettings(port=0),
     )
     requests = SqliteQueue(settings.queue.url, settings.queue.name)
     await requests.open()

@@ -18,7 +18,14 @@ from orchestrator import service
 from orchestrator.clock import Clock, ManualClock, SystemClock
 from orchestrator.queues.sqlite import SqliteQueue
 from orchestrator.service import Components, CredentialsWait, OpenedFile, exit_code
-from orchestrator.settings import AepSettings, QueueSettings, RetrySettings, Settings, StoreSettings
+from orchestrator.settings import (
+    AepSettings,
+    HttpSettings,
+    QueueSettings,
+    RetrySettings,
+    Settings,
+    StoreSettings,
+)
 from tests.unit.fakes import IMS_URL, aep_settings
 
 CREATE_URL = "https://platform.test/data/foundation/import/batches"
@@ -31,6 +38,7 @@ def service_settings(directory: Path, aep: AepSettings | None = None) -> Setting
         aep=aep or aep_settings(),
         store=StoreSettings(url=f"sqlite:///{directory}/store.db"),
         queue=QueueSettings(url=f"sqlite:///{directory}/queue.db"),
+        http=HttpSettings(port=0),
     )
 
 
