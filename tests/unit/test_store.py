@@ -7,6 +7,7 @@ tests/integration/test_store_postgres.py runs them again against PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -386,6 +387,31 @@ async def test_reconciliation_is_claimed_once_due(make_store: MakeStore, now: da
     assert await store.pending_reconciliations() == 0
     assert await store.next_due() is None
     assert (await store.history("r1"))[-1].detail == "reconciled: aborted b2"
+
+
+@portable
+async def test_outcomes_write_events_to_the_outbox(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store(events=True)
+    for request_id in ("r1", "r2", "r3"):
+        await store.add(request(request_id), now)
+    first, second, third = await store.claim("d", 3, 30, now)
+    await store.mark_created(first, "b1", "loading", now)
+    await store.mark_failed(second, "HTTP 400", now)
+    await store.mark_retry(third, "HTTP 503", now, ambiguous=False, now=now)  # no event
+
+    events = await store.outbox(10)
+    bodies = [json.loads(event.body) for event in events]
+    assert [(b["type"], b["requestId"], b["batchId"], b["error"]) for b in bodies] == [
+        ("batch.created", "r1", "b1", None),
+        ("batch.failed", "r2", None, "HTTP 400"),
+    ]
+    assert [event.event_id for event in events] == [body["eventId"] for body in bodies]
+    assert await store.events_waiting() == 2
+
+    await store.events_sent([events[0].position])
+
+    assert [event.event_id for event in await store.outbox(10)] == [events[1].event_id]
+    assert await store.events_waiting() == 1
 
 
 # --- queries ------------------------------------------------------------------------------------
