@@ -1,4 +1,4 @@
-"""The `orchestrator` command: run, enqueue, batches, simulate, demo.
+"""The `orchestrator` command: run, enqueue, batches, status, requeue, simulate, demo.
 
 Exit codes: 0 success; 1 a runtime failure or a partly rejected input; 2 a usage or configuration
 error, printed one line per problem, with no traceback and no secret values.
@@ -11,7 +11,9 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -25,11 +27,15 @@ from orchestrator.messages import (
     parse_message,
     request_from_json,
 )
+from orchestrator.operator import SINCE_EXAMPLE
 from orchestrator.settings import ConfigError, Settings, load_settings
 from orchestrator.store.base import BatchRecord, State
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.table import Table
+
+    from orchestrator.store.sql import SqlBatchStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 DISTRIBUTION = "aep-orchestrator"
@@ -99,6 +105,23 @@ def build_parser() -> argparse.ArgumentParser:
     batches.add_argument("--limit", type=positive_int, metavar="N", help="at most N records")
     batches.add_argument("--json", action="store_true", help="one JSON object per line")
 
+    status = command(
+        "status", "counts by state, the oldest unfinished request, the effective rate, the last errors"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    requeue = command("requeue", "re-drive failed requests (the cause fixed): still one batch each")
+    requeue.add_argument(
+        "--state", required=True, type=str.lower, help="failed: the only state that is requeued"
+    )
+    requeue.add_argument("--dataset", metavar="ID", help="only this dataset's requests")
+    requeue.add_argument(
+        "--since",
+        metavar="TIME",
+        help=f"only requests that failed at or after an ISO 8601 time ({SINCE_EXAMPLE})",
+    )
+    requeue.add_argument("--dry-run", action="store_true", help="list what would be requeued, change nothing")
+
     simulate = command("simulate", "run the local AEP + IMS simulator")
     simulator.add_arguments(simulate)
 
@@ -129,6 +152,7 @@ def _main(argv: Sequence[str] | None) -> int:
         settings = load_settings(args.config)
     except ConfigError as exc:
         return _usage_error(exc.problems)
+    logs.register_secrets(configured_secrets(settings))
     if args.command != "demo":
         logs.configure(settings.log.format, settings.log.level)
     try:
@@ -138,6 +162,10 @@ def _main(argv: Sequence[str] | None) -> int:
             return _enqueue(settings, args)
         if args.command == "batches":
             return asyncio.run(_batches(settings, args))
+        if args.command == "status":
+            return asyncio.run(_status(settings, args.json))
+        if args.command == "requeue":
+            return _requeue(settings, args)
         if args.command == "simulate":
             return _simulate(args)
         from orchestrator import demo
@@ -154,6 +182,26 @@ def _main(argv: Sequence[str] | None) -> int:
         message = f"orchestrator: {args.command} failed: {type(exc).__name__}: {exc}"[:1000]
         print(logs.escape_controls(message), file=sys.stderr)
         return EXIT_FAILURE
+
+
+def configured_secrets(settings: Settings) -> list[str]:
+    """The secret values of the settings (the AEP credentials, the passwords in URLs), for the logs to
+    mask wherever they turn up, even in a library's message."""
+    from urllib.parse import urlsplit
+
+    values = [
+        secret.get_secret_value()
+        for secret in (settings.aep.client_secret, settings.aep.access_token)
+        if secret
+    ]
+    for url in (settings.store.url, settings.queue.url, settings.events.url, settings.limits.redis_url):
+        try:
+            password = urlsplit(url).password if url else None
+        except ValueError:  # settings validated the URLs they parse; any other is not ours to judge
+            password = None
+        if password:
+            values.append(password)
+    return values
 
 
 def _usage_error(problems: Iterable[str]) -> int:
@@ -231,38 +279,107 @@ def message_body(raw: bytes, *, request_id: str | None = None, input_format: str
     return body
 
 
-async def _publish(settings: Settings, bodies: list[bytes]) -> int:
-    from orchestrator.queues import publish_to
+# A progress bar for longer inputs than this, at a terminal only (never in a pipe or a log file).
+PROGRESS_FROM = 1000
+# With a bar, messages go to the broker in chunks of this many, so that the bar moves.
+PUBLISH_CHUNK = 1000
 
-    return await publish_to(settings.queue.url, settings.queue.name, bodies)
+
+async def _publish(settings: Settings, bodies: list[bytes]) -> int:
+    from orchestrator.queues import open_publisher, publish_to
+
+    if not show_progress(len(bodies), sys.stderr):
+        # One call: on the embedded queue one transaction, so a failure publishes nothing.
+        return await publish_to(settings.queue.url, settings.queue.name, bodies)
+    publisher = open_publisher(settings.queue.url, settings.queue.name)
+    await publisher.open()
+    try:
+        with progress_bar(len(bodies), "publishing") as advance:
+            return await publish_chunks(publisher.publish, bodies, advance)
+    finally:
+        await publisher.close()
+
+
+def show_progress(count: int, stream: IO[str]) -> bool:
+    return count > PROGRESS_FROM and stream.isatty()
+
+
+async def publish_chunks(
+    publish: Callable[[Sequence[bytes]], Awaitable[int]], bodies: list[bytes], advance: Callable[[int], None]
+) -> int:
+    """Publish `bodies` PUBLISH_CHUNK at a time. Chunks are separate publishes: should one fail, the
+    error says how many went before it (lines without a `requestId` would be new requests if sent again)."""
+    published = 0
+    for start in range(0, len(bodies), PUBLISH_CHUNK):
+        chunk = bodies[start : start + PUBLISH_CHUNK]
+        try:
+            published += await publish(chunk)
+        except Exception as exc:
+            raise PublishInterrupted(published, len(bodies), exc) from exc
+        advance(len(chunk))
+    return published
+
+
+class PublishInterrupted(Exception):
+    def __init__(self, published: int, total: int, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause} (published {published} of {total} before it)")
+
+
+@contextmanager
+def progress_bar(total: int, what: str) -> Iterator[Callable[[int], None]]:
+    """A bar on stderr; yields the function that moves it on."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(
+        TextColumn(what),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        transient=True,  # the count printed after it says what happened
+    ) as progress:
+        task = progress.add_task(what, total=total)
+        yield lambda done: progress.advance(task, done)
 
 
 # -- batches -----------------------------------------------------------------------------------
 
 
 async def _batches(settings: Settings, args: argparse.Namespace) -> int:
+    async with _existing_store(settings) as store:
+        state = State(args.state) if args.state else None
+        records = await store.records(state=state, dataset_id=args.dataset, limit=args.limit)
+    if args.json:
+        out = sys.stdout
+        for record in records:
+            out.write(json.dumps(record.to_json()) + "\n")
+        return EXIT_OK
+    console = _stdout_console()
+    console.print(batches_table(records, console.width))
+    print(f"{len(records)} records")
+    return EXIT_OK
+
+
+def _stdout_console() -> Console:
+    from rich.console import Console
+
+    # Piped output has no terminal width to fit: keep rows whole rather than cut at 80 columns.
+    return Console(width=None if sys.stdout.isatty() else 240)
+
+
+@asynccontextmanager
+async def _existing_store(settings: Settings) -> AsyncIterator[SqlBatchStore]:
+    """The configured store, for a command that reads it (or changes records in it): never created."""
     from orchestrator.store.sql import SqlBatchStore
 
     _require_store(settings.store.url)
     store = SqlBatchStore(settings.store.url)
     await store.open()
     try:
-        state = State(args.state) if args.state else None
-        records = await store.records(state=state, dataset_id=args.dataset, limit=args.limit)
+        yield store
     finally:
         await store.close()
-    if args.json:
-        out = sys.stdout
-        for record in records:
-            out.write(json.dumps(record.to_json()) + "\n")
-        return EXIT_OK
-    from rich.console import Console
-
-    # Piped output has no terminal width to fit: keep rows whole rather than cut at 80 columns.
-    console = Console(width=None if sys.stdout.isatty() else 240)
-    console.print(batches_table(records, console.width))
-    print(f"{len(records)} records")
-    return EXIT_OK
 
 
 def _require_store(url: str) -> None:
@@ -331,6 +448,56 @@ def batches_table(records: Sequence[BatchRecord], width: int) -> Table:
     for row in rows:
         table.add_row(*(row if with_updated else row[:4] + row[5:]))
     return table
+
+
+# -- status and requeue ------------------------------------------------------------------------
+
+
+async def _status(settings: Settings, as_json: bool) -> int:
+    from orchestrator import operator
+
+    async with _existing_store(settings) as store:
+        status = await operator.read_status(store, datetime.now(UTC))
+    if as_json:
+        print(json.dumps(status.to_json()))
+        return EXIT_OK
+    console = _stdout_console()
+    console.print(operator.status_summary(status))
+    if status.errors:
+        console.print(batches_table(status.errors, console.width))
+    return EXIT_OK
+
+
+def _requeue(settings: Settings, args: argparse.Namespace) -> int:
+    from orchestrator import operator
+
+    if args.state != State.FAILED.value:
+        known = args.state in {state.value for state in State}
+        state = logs.escape_controls(args.state)
+        what = f"{state} requests are not requeued" if known else f"{state} is not a state"
+        return _usage_error([f"requeue: --state {state}: {what}; only failed requests can be requeued"])
+    try:
+        since = operator.parse_since(args.since) if args.since is not None else None
+    except ValueError as exc:
+        return _usage_error([f"requeue: {logs.escape_controls(str(exc))}"])
+    return asyncio.run(_requeue_failed(settings, args.dataset, since, args.dry_run))
+
+
+async def _requeue_failed(
+    settings: Settings, dataset_id: str | None, since: datetime | None, dry_run: bool
+) -> int:
+    from orchestrator import operator
+
+    async with _existing_store(settings) as store:
+        if dry_run:
+            records = await store.failed_records(dataset_id, since)
+            for record in records:
+                print(operator.requeue_line(record))
+            print(f"would requeue {len(records)} (dry run: nothing changed)")
+            return EXIT_OK
+        requeued = await store.requeue_failed(datetime.now(UTC), dataset_id=dataset_id, failed_since=since)
+    print(f"requeued {len(requeued)}")
+    return EXIT_OK
 
 
 # -- simulate ----------------------------------------------------------------------------------

@@ -253,6 +253,29 @@ class BatchStore(Protocol):
     async def oldest_unfinished(self) -> datetime | None:
         """When the oldest request still pending or retrying was recorded (None when none is)."""
 
+    async def oldest_unfinished_record(self) -> BatchRecord | None:
+        """The oldest request still pending or retrying (`orchestrator status`)."""
+
+    async def last_errors(self, limit: int) -> list[BatchRecord]:
+        """Up to `limit` failed or retrying requests with an error, most recently updated first."""
+
+    async def recent_changes(self, since: datetime) -> list[StateChange]:
+        """The state changes of every request at or after `since`, newest first (the effective
+        rate), read from the end of the trail: cheap for a recent `since` however long the trail."""
+
+    async def failed_records(
+        self, dataset_id: str | None = None, failed_since: datetime | None = None
+    ) -> list[BatchRecord]:
+        """The failed requests `requeue_failed` would requeue, oldest failure first."""
+
+    async def requeue_failed(
+        self, now: datetime, *, dataset_id: str | None = None, failed_since: datetime | None = None
+    ) -> list[str]:
+        """Put failed requests (of `dataset_id`, failed at or after `failed_since`) back to pending,
+        in one transaction: attempts reset to 0, looked up by externalId before any new create,
+        no lease; a trail row each (failed to pending, "requeued by operator"). A request that is no
+        longer failed is left alone. Returns the request ids requeued."""
+
     async def get(self, request_id: str) -> BatchRecord | None: ...
 
     async def records(

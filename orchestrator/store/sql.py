@@ -792,6 +792,108 @@ class SqlBatchStore:
             oldest: datetime | None = (await connection.execute(statement)).scalar_one_or_none()
         return oldest
 
+    # --- operator commands (`status`, `requeue`) ---------------------------------------------------
+
+    async def oldest_unfinished_record(self) -> BatchRecord | None:
+        statement = (
+            select(batch_request)
+            .where(_DUE)
+            .order_by(batch_request.c.created_at, batch_request.c.id)
+            .limit(1)
+        )
+        async with self._read.connect() as connection:
+            row = (await connection.execute(statement)).mappings().one_or_none()
+        return None if row is None else _record(row)
+
+    async def last_errors(self, limit: int) -> list[BatchRecord]:
+        statement = (
+            select(batch_request)
+            .where(
+                batch_request.c.state.in_([State.FAILED.value, State.RETRYING.value]),
+                batch_request.c.last_error.is_not(None),
+            )
+            .order_by(batch_request.c.updated_at.desc(), batch_request.c.id.desc())
+            .limit(limit)
+        )
+        async with self._read.connect() as connection:
+            rows = (await connection.execute(statement)).mappings().all()
+        return [_record(row) for row in rows]
+
+    async def recent_changes(self, since: datetime) -> list[StateChange]:
+        # The trail has no index on `at`, and a filter on it would read the whole trail. Its ids
+        # follow commit order, so it is read backwards from the newest row, a chunk at a time, until
+        # a whole chunk is older than `since` by more than the slack: `at` is the writer's clock at
+        # the outcome, which can trail the commit order by a group commit (or by the clock skew
+        # between replicas). The cost follows the rows of the window, not the length of the trail.
+        slack = timedelta(seconds=60)
+        columns = (
+            batch_event.c.id,
+            batch_event.c.at,
+            batch_event.c.from_state,
+            batch_event.c.to_state,
+            batch_event.c.attempt,
+            batch_event.c.detail,
+        )
+        changes: list[StateChange] = []
+        before: int | None = None
+        async with self._read.connect() as connection:
+            while True:
+                statement = select(*columns).order_by(batch_event.c.id.desc()).limit(_TRAIL_CHUNK)
+                if before is not None:
+                    statement = statement.where(batch_event.c.id < before)
+                rows = (await connection.execute(statement)).all()
+                for _, at, was, to, attempt, detail in rows:
+                    if at >= since:
+                        changes.append(StateChange(at, was and State(was), State(to), attempt, detail))
+                if len(rows) < _TRAIL_CHUNK or max(row.at for row in rows) < since - slack:
+                    return changes
+                before = rows[-1].id
+
+    async def failed_records(
+        self, dataset_id: str | None = None, failed_since: datetime | None = None
+    ) -> list[BatchRecord]:
+        statement = (
+            select(batch_request)
+            .where(*_failed_filter(dataset_id, failed_since))
+            .order_by(batch_request.c.updated_at, batch_request.c.id)
+        )
+        async with self._read.connect() as connection:
+            rows = (await connection.execute(statement)).mappings().all()
+        return [_record(row) for row in rows]
+
+    async def requeue_failed(
+        self, now: datetime, *, dataset_id: str | None = None, failed_since: datetime | None = None
+    ) -> list[str]:
+        statement = (
+            update(batch_request)
+            # The state is the fence: a request that is no longer failed (requeued by someone else
+            # meanwhile) is left alone, in one statement, so nothing can change in between.
+            .where(*_failed_filter(dataset_id, failed_since))
+            .values(
+                state=State.PENDING.value,
+                attempts=0,  # a full ORCH_RETRY__MAX_ATTEMPTS again; the trail keeps the old ones
+                next_attempt_at=now,
+                # The cause was fixed, but an earlier attempt may have made a batch whose answer
+                # was lost: look it up by externalId before any create, and adopt it if listed.
+                needs_lookup=True,
+                lookup_only=False,
+                last_error=None,  # the trail's failed row keeps it
+                reconcile_at=None,
+                updated_at=now,
+                **_NO_LEASE,
+            )
+            .returning(batch_request.c.id, batch_request.c.request_id)
+        )
+
+        async def run(tx: _Tx) -> list[str]:
+            rows = (await tx.connection.execute(statement)).all()
+            for pk, _ in rows:
+                tx.trail(pk, now, State.FAILED, State.PENDING, 0, REQUEUED)
+            return [request_id for _, request_id in rows]
+
+        requeued: list[str] = await self._write(_Op(run=run))
+        return requeued
+
     async def get(self, request_id: str) -> BatchRecord | None:
         statement = select(batch_request).where(batch_request.c.request_id == request_id)
         async with self._read.connect() as connection:
@@ -971,6 +1073,23 @@ class _Tx:
             await self.connection.execute(insert(event_outbox), self._outbox)
             self._outbox = []
             self.wrote_events = True
+
+
+# The trail row of a request an operator put back to pending (`orchestrator requeue`).
+REQUEUED = "requeued by operator"
+# Trail rows read per query when reading the trail backwards (`recent_changes`).
+_TRAIL_CHUNK = 2000
+
+
+def _failed_filter(dataset_id: str | None, failed_since: datetime | None) -> list[ColumnElement[bool]]:
+    """The failed requests an operator picked: of a dataset, and that failed at or after a time (a
+    failed row is never updated again, so its update time is when it failed)."""
+    conditions = [batch_request.c.state == State.FAILED.value]
+    if dataset_id is not None:
+        conditions.append(batch_request.c.dataset_id == dataset_id)
+    if failed_since is not None:
+        conditions.append(batch_request.c.updated_at >= failed_since)
+    return conditions
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
