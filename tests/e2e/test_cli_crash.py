@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -100,3 +101,30 @@ async def test_sigterm_finishes_calls_in_flight_and_exits_0(
     finished = await run(["run", "--until-idle"], env, tmp_path, timeout=60)
     assert finished.code == 0, finished.stderr[-2000:]
     _assert_one_batch_per_dataset(slow_simulator)
+
+
+async def test_sigterm_waits_for_slow_calls_to_be_recorded(tmp_path: Path) -> None:
+    """AEP answers after 2.5 s: SIGTERM mid-call ends the service with exit 0 only once the calls in
+    flight are answered and recorded; the next run creates the rest, exactly once."""
+    async with Simulator(SimulatorConfig(latency=2.5, seed=8)) as sim:
+        env = cli_env(tmp_path, sim.url, LIMITS__CONCURRENCY="4", SHUTDOWN__GRACE="10")
+        await _enqueue(env, tmp_path)
+        service = await start(["run"], env, tmp_path)
+        # The simulator makes a batch when a create arrives and answers 2.5 s later: 8 batches made
+        # and 4 answers given means the second 4 calls are in flight.
+        async with asyncio.timeout(30):
+            while len(sim.stats.batches) < 8:  # noqa: ASYNC110 - no event to await
+                await asyncio.sleep(0.05)
+        service.signal(signal.SIGTERM)
+        stopped = await service.wait(timeout=30)
+        assert stopped.code == 0, stopped.stderr[-2000:]
+        records = (await run(["batches", "--json"], env, tmp_path)).json_lines()
+        # Nothing half-done: every batch AEP made is recorded, every other request is untouched.
+        created = {r["batchId"] for r in records if r["state"] == "created"}
+        assert created == {batch.id for batch in sim.stats.batches}
+        assert len(created) >= 8  # the calls in flight at SIGTERM were answered and recorded
+        assert {r["state"] for r in records} <= {"created", "pending"}
+        sim.config = dataclasses.replace(sim.config, latency=0.05)  # the rest, quickly
+        finished = await run(["run", "--until-idle"], env, tmp_path, timeout=60)
+        assert finished.code == 0, finished.stderr[-2000:]
+        _assert_one_batch_per_dataset(sim)
