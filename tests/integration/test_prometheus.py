@@ -1,13 +1,15 @@
-"""A real Prometheus (Debian's `prometheus` package) scrapes the service's /metrics and evaluates the alert
-rules of deploy/prometheus/alerts.yml on what it scraped: the exposition is one Prometheus ingests, the
-target is up, an orchestrator_ metric is queryable, every rule evaluates without error, and an alert goes
-pending on the metric it watches. Prometheus runs on its own temporary config, data directory and port."""
+"""A real Prometheus (Debian's `prometheus` package) scrapes a running `orchestrator run` and evaluates
+the alert rules of deploy/prometheus/alerts.yml on what it scraped: the target is up, the service's metrics
+are queryable, every rule evaluates without error, and the alerts for the service's real condition (AEP
+credentials refused, requests waiting) go pending. Prometheus runs on its own temporary config, data
+directory and port; the service on the embedded SQLite defaults against the simulator."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,15 +20,16 @@ import aiohttp
 import pytest
 import yaml
 
-from orchestrator.http import Probes, bound_port, make_app, serve
-from orchestrator.metrics import Metrics
-from orchestrator.store.sql import SqlBatchStore
+from orchestrator.aep.simulator import Simulator, SimulatorConfig
 from tests.conftest import REQUIRE_SERVICES
+from tests.e2e.cli import cli_env, run, start
 
 pytestmark = pytest.mark.integration
 
 ALERTS = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "alerts.yml"
 JOB = "orchestrator"
+# Requests enqueued for the service, which cannot create them (its credentials are refused).
+WAITING = 5
 # Seconds: Prometheus starts in one or two, then scrapes and evaluates every second.
 WAIT = 30.0
 
@@ -48,30 +51,33 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def service(tmp_path: Path) -> AsyncIterator[tuple[Metrics, int]]:
-    """The service's HTTP surface on a free port, with its metrics and a real store."""
-    store = SqlBatchStore(f"sqlite:///{tmp_path / 'orchestrator.db'}")
-    await store.open()
-    metrics = Metrics()
-
-    async def ready() -> dict[str, str]:
-        return {}
-
-    runner = await serve(make_app(Probes(list, ready), metrics, store), "127.0.0.1", 0)
-    port = bound_port(runner)
-    assert port is not None
-    try:
-        yield metrics, port
-    finally:
-        await runner.cleanup()
-        await store.close()
+async def service(tmp_path: Path) -> AsyncIterator[int]:
+    """`orchestrator run` with WAITING requests and a client secret IMS refuses; its HTTP port. It
+    must stop on SIGTERM with exit 0 when the test is done."""
+    prometheus_binary()  # before starting anything
+    workdir = tmp_path / "service"
+    workdir.mkdir()
+    port = free_port()
+    async with Simulator(SimulatorConfig(seed=8)) as sim:
+        env = cli_env(
+            workdir, sim.url, HTTP__HOST="127.0.0.1", HTTP__PORT=str(port), AEP__CLIENT_SECRET="refused"
+        )
+        ids = "\n".join(f"{index:024x}" for index in range(WAITING)).encode()
+        assert (await run(["enqueue", "--file", "-"], env, workdir, stdin=ids)).code == 0
+        process = await start(["run"], env, workdir)
+        try:
+            yield port
+        finally:
+            process.signal(signal.SIGTERM)
+            stopped = await process.wait(timeout=30)
+        assert stopped.code == 0, stopped.stderr[-2000:]
 
 
 @pytest.fixture
-async def prometheus(service: tuple[Metrics, int], tmp_path: Path) -> AsyncIterator[str]:
+async def prometheus(service: int, tmp_path: Path) -> AsyncIterator[str]:
     """Prometheus scraping the service every second with the alert rules loaded; its base URL."""
     binary = prometheus_binary()
-    _, target_port = service
+    target_port = service
     config = tmp_path / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
@@ -140,13 +146,12 @@ async def api(session: aiohttp.ClientSession, base: str, path: str, **params: st
     return body["data"]
 
 
-async def test_prometheus_scrapes_metrics_and_evaluates_the_alert_rules(
-    service: tuple[Metrics, int], prometheus: str
-) -> None:
-    metrics, _ = service
-    metrics.request_finished("created")
-    metrics.aep_call("batches.create", 201, 0.2)
-    metrics.credentials(refused=True)
+async def sample_values(session: aiohttp.ClientSession, base: str, query: str) -> list[float]:
+    result = (await api(session, base, "query", query=query))["result"]
+    return [float(sample["value"][1]) for sample in result]
+
+
+async def test_prometheus_scrapes_the_service_and_evaluates_the_alert_rules(prometheus: str) -> None:
     async with aiohttp.ClientSession() as session:
 
         async def target_up() -> bool:
@@ -155,19 +160,14 @@ async def test_prometheus_scrapes_metrics_and_evaluates_the_alert_rules(
 
         await eventually(target_up, "target up")
 
-        async def created_is_queryable() -> bool:
-            query = f'orchestrator_requests_total{{job="{JOB}",outcome="created"}}'
-            result = (await api(session, prometheus, "query", query=query))["result"]
-            return [float(sample["value"][1]) for sample in result] == [1.0]
+        # The backlog gauge is read from the store every few seconds.
+        async def backlog_queryable() -> bool:
+            query = f'orchestrator_backlog{{job="{JOB}",state="pending"}}'
+            return await sample_values(session, prometheus, query) == [float(WAITING)]
 
-        await eventually(created_is_queryable, "orchestrator_requests_total{outcome=created} == 1")
-        histogram = await api(
-            session,
-            prometheus,
-            "query",
-            query='orchestrator_aep_call_duration_seconds_count{endpoint="batches.create"}',
-        )
-        assert [float(sample["value"][1]) for sample in histogram["result"]] == [1.0]
+        await eventually(backlog_queryable, f"orchestrator_backlog{{state=pending}} == {WAITING}")
+        failed_tokens = 'orchestrator_token_requests_total{result="failed"}'
+        assert (await sample_values(session, prometheus, failed_tokens))[0] >= 1
 
         # Every rule of alerts.yml loaded and evaluated on the scraped series without an error.
         [expected] = yaml.safe_load(ALERTS.read_text(encoding="utf-8"))["groups"]
@@ -183,14 +183,13 @@ async def test_prometheus_scrapes_metrics_and_evaluates_the_alert_rules(
 
         await eventually(rules_evaluated, "evaluation of every rule")
 
-        # The credentials alert watches the gauge set above: pending (it fires after 5 minutes).
-        async def credentials_alert_pending() -> bool:
+        # What is wrong with this service, and only that, is on its way to firing (each has a `for`).
+        async def alerts_pending() -> bool:
             alerts = (await api(session, prometheus, "alerts"))["alerts"]
-            return any(
-                alert["labels"]["alertname"] == "OrchestratorCredentialsRefused"
-                and alert["labels"].get("job") == JOB
-                and alert["state"] == "pending"
-                for alert in alerts
-            )
+            pending = {a["labels"]["alertname"] for a in alerts if a["labels"].get("job") == JOB}
+            assert pending <= {"OrchestratorCredentialsRefused", "OrchestratorNoProgress"}, pending
+            return pending == {"OrchestratorCredentialsRefused", "OrchestratorNoProgress"}
 
-        await eventually(credentials_alert_pending, "OrchestratorCredentialsRefused pending")
+        await eventually(alerts_pending, "OrchestratorCredentialsRefused and OrchestratorNoProgress pending")
+        alerts = (await api(session, prometheus, "alerts"))["alerts"]
+        assert {alert["state"] for alert in alerts} == {"pending"}
