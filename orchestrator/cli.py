@@ -464,7 +464,7 @@ async def _status(settings: Settings, as_json: bool) -> int:
     console = _stdout_console()
     console.print(operator.status_summary(status))
     if status.errors:
-        console.print(batches_table(status.errors, console.width))
+        console.print(operator.errors_table(status))
     return EXIT_OK
 
 

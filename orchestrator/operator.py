@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 # pause, short enough to show a stall within a minute.
 RATE_WINDOW = timedelta(minutes=1)
 LAST_ERRORS = 5
+ERROR_CHARS = 300  # of each error on the screen; `--json` has all of it
 SINCE_EXAMPLE = "2026-11-28T15:00:00Z"
 
 
@@ -99,7 +100,7 @@ def status_summary(status: Status) -> RenderableType:
     if oldest is None:
         grid.add_row("oldest", Text("nothing pending or retrying"))
     else:
-        tries = f", {oldest.attempts} {'try' if oldest.attempts == 1 else 'tries'}" if oldest.attempts else ""
+        tries = f", {_tries(oldest.attempts)}" if oldest.attempts else ""
         line = Text(f"{oldest.state.value} for {duration(status.oldest_age() or 0.0)}: ")
         line.append(logs.escape_controls(oldest.request_id), style="bold")
         line.append(f" (dataset {logs.escape_controls(oldest.dataset_id)}{tries})")
@@ -113,6 +114,31 @@ def status_summary(status: Status) -> RenderableType:
     )
     grid.add_row("last errors", Text("none" if not status.errors else ""))
     return grid
+
+
+def errors_table(status: Status) -> RenderableType:
+    """The last errors, newest first: how long ago, the state and tries, the request, the error
+    (wrapped; ids fold). Escaped, and never read as markup, as in `batches`."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True)
+    table.add_column("when", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("request", overflow="fold", max_width=36)
+    table.add_column("last error", overflow="fold", ratio=1)
+    for record in status.errors:
+        error = record.last_error or ""
+        if len(error) > ERROR_CHARS:
+            error = error[: ERROR_CHARS - 1] + "…"
+        table.add_row(
+            Text(f"{duration((status.at - record.updated_at).total_seconds())} ago"),
+            Text(f"{record.state.value}, {_tries(record.attempts)}"),
+            Text(logs.escape_controls(record.request_id)),
+            Text(logs.escape_controls(error)),
+        )
+    return table
 
 
 def duration(seconds: float) -> str:
@@ -129,6 +155,10 @@ def duration(seconds: float) -> str:
         if len(parts) == 2:
             break
     return " ".join(parts)
+
+
+def _tries(attempts: int) -> str:
+    return f"{attempts} {'try' if attempts == 1 else 'tries'}"
 
 
 def parse_since(text: str) -> datetime:

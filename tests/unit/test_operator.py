@@ -218,6 +218,17 @@ async def test_the_status_screen_escapes_request_ids_and_says_how_old(store: Sql
     assert "1: 1 pending · 0 retrying · 0 created · 0 failed · 0 rejected" in text
 
 
+async def test_the_last_errors_say_how_long_ago_and_are_escaped(store: SqlBatchStore) -> None:
+    await failed(store, "evil\u202e", at(0), error="AEP said \x1b[2J" + "x" * 400)
+    status = await operator.read_status(store, at(61))
+    text = " ".join(render(operator.errors_table(status), width=200).split())
+    assert "1m 0s ago failed, 1 try evil\\u202e AEP said \\x1b[2J" in text
+    joined = "".join(text.split())  # the error folds over lines
+    assert "x" * 286 + "…" in joined  # cut at 300 characters (13 before the x's); `--json` has it all
+    assert "x" * 287 not in joined
+    assert "\x1b" not in text
+
+
 @pytest.mark.parametrize(
     ("seconds", "expected"),
     [(0, "0s"), (59.9, "59s"), (60, "1m 0s"), (192, "3m 12s"), (7500, "2h 5m"), (97200, "1d 3h")],
