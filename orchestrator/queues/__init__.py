@@ -17,12 +17,12 @@ _ADAPTERS: dict[str, tuple[str, str, str | None, str]] = {
     "sqlite": ("orchestrator.queues.sqlite", "SqliteQueue", None, "embedded SQLite"),
     "redis": ("orchestrator.queues.redis", "RedisStreamQueue", "redis", "Redis"),
     "rediss": ("orchestrator.queues.redis", "RedisStreamQueue", "redis", "Redis"),
+    "nats": ("orchestrator.queues.nats", "NatsQueue", "nats", "NATS"),
+    "tls": ("orchestrator.queues.nats", "NatsQueue", "nats", "NATS"),
 }
 _KNOWN = {
     "amqp": "RabbitMQ",
     "amqps": "RabbitMQ",
-    "nats": "NATS",
-    "tls": "NATS",
 }
 
 

@@ -5,15 +5,21 @@ same promises."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import urlsplit
 from uuid import uuid4
 
+import nats
 import redis.asyncio
+from nats.aio.client import Client as NatsClient
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
 
 from orchestrator.queues import Consumer, Publisher, open_consumer, open_publisher
 from tests.conftest import require_service
@@ -107,9 +113,82 @@ async def redis_broker(tmp_path: Path) -> AsyncIterator[Broker]:
         await client.aclose()
 
 
+NATS_URL = os.environ.get("ORCH_TEST_NATS_URL", "nats://127.0.0.1:4222")
+
+
+@dataclass
+class NatsBroker:
+    """A subject of its own on the local NATS, with plain nats-py for what producers and operators
+    do: publish, read the dead letters, delete the streams afterwards."""
+
+    client: NatsClient
+    url: str = NATS_URL
+    name: str = field(default_factory=lambda: f"contract.{uuid4().hex[:8]}")
+
+    def consumer(self) -> Consumer:
+        return open_consumer(self.url, self.name)
+
+    def publisher(self) -> Publisher:
+        return open_publisher(self.url, self.name)
+
+    async def dead_letters(self) -> list[tuple[bytes, str]]:
+        js = self.client.jetstream()
+        subject = f"{self.name}.dead"
+        try:
+            stream = await js.find_stream_name_by_subject(subject)
+        except NotFoundError:
+            return []
+        found: list[tuple[bytes, str]] = []
+        seq = 1
+        while True:  # by sequence, with no consumer: a work-queue stream allows one per subject
+            try:
+                message = await js.get_msg(stream, seq, subject=subject, next=True)
+            except NotFoundError:
+                return found
+            found.append((message.data or b"", (message.headers or {}).get("reason", "")))
+            seq = (message.seq or seq) + 1
+
+    async def publish_native(self, body: bytes, message_id: str | None = None) -> None:
+        js = self.client.jetstream()
+        try:
+            await js.find_stream_name_by_subject(self.name)
+        except NotFoundError:
+            # A producer that starts first makes the stream, under a name of its choosing; the
+            # service then uses it (it needs NAME and NAME.dead in it).
+            config = StreamConfig(
+                name=f"producer-{self.name.replace('.', '-')}",
+                subjects=[self.name, f"{self.name}.dead"],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+            )
+            await js.add_stream(config)
+        headers = None if message_id is None else {"Nats-Msg-Id": message_id}
+        await js.publish(self.name, body, headers=headers)
+
+    async def delete(self) -> None:
+        js = self.client.jetstream()
+        for subject in (self.name, f"{self.name}.dead"):
+            with suppress(NotFoundError):
+                await js.delete_stream(await js.find_stream_name_by_subject(subject))
+
+
+@asynccontextmanager
+async def nats_broker(tmp_path: Path) -> AsyncIterator[NatsBroker]:
+    address = urlsplit(NATS_URL)
+    require_service("NATS", address.hostname or "127.0.0.1", address.port or 4222)
+    client = await nats.connect(NATS_URL)
+    broker = NatsBroker(client)
+    try:
+        yield broker
+    finally:
+        await broker.delete()
+        await client.close()
+
+
 # name -> a context manager making a fresh broker destination (and removing it afterwards). Each
 # real broker's entry checks first that its service answers (tests.conftest.require_service).
 FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[Broker]]] = {
     "sqlite": sqlite_broker,
     "redis": redis_broker,
+    "nats": nats_broker,
 }

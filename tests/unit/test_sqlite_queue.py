@@ -392,7 +392,6 @@ async def test_open_queue_chooses_by_scheme(tmp_path: Path) -> None:
     assert queue.name == "named"
     for url, broker in [
         ("amqp://guest@localhost/", "RabbitMQ"),
-        ("nats://localhost:4222", "NATS"),
     ]:
         with pytest.raises(ConfigError, match=f"ORCH_QUEUE__URL: the {broker} .*not available yet"):
             open_queue(url, "q")
