@@ -237,7 +237,10 @@ def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{where}: {exc}", file=sys.stderr)
     published = asyncio.run(_publish(settings, bodies)) if bodies else 0
     print(f"published {published}" + (f", rejected {rejected}" if rejected else ""))
-    return EXIT_FAILURE if rejected else EXIT_OK
+    if published < len(bodies):
+        # The broker confirmed only the first ones: say so, so the rest can be sent again.
+        print(f"orchestrator: enqueue: the broker confirmed {published} of {len(bodies)}", file=sys.stderr)
+    return EXIT_FAILURE if rejected or published < len(bodies) else EXIT_OK
 
 
 def _input_lines(args: argparse.Namespace) -> Iterator[tuple[str, bytes]]:

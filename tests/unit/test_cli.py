@@ -90,6 +90,18 @@ def test_enqueue_publishes_the_valid_arguments_and_names_the_others(
     assert queued_datasets() == ["good", "good2", "12345", "1e5"]
 
 
+def test_enqueue_says_when_the_broker_confirmed_only_some(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def confirmed_one(url: str, name: str, bodies: list[bytes]) -> int:
+        return 1
+
+    monkeypatch.setattr("orchestrator.queues.publish_to", confirmed_one)
+    code, out, err = cli(capsys, "enqueue", "a", "b", "c")
+    assert (code, out) == (1, "published 1\n")
+    assert err == "orchestrator: enqueue: the broker confirmed 1 of 3\n"
+
+
 def test_enqueue_an_argument_that_is_not_utf8(capsys: pytest.CaptureFixture[str]) -> None:
     # The shell passes raw bytes; Python hands them over as surrogate escapes.
     code, out, err = cli(capsys, "enqueue", os.fsdecode(b"\xffab"), DS)
