@@ -316,10 +316,13 @@ async def publish_chunks(
     for start in range(0, len(bodies), PUBLISH_CHUNK):
         chunk = bodies[start : start + PUBLISH_CHUNK]
         try:
-            published += await publish(chunk)
+            accepted = await publish(chunk)
         except Exception as exc:
             raise PublishInterrupted(published, len(bodies), exc) from exc
+        published += accepted
         advance(len(chunk))
+        if accepted < len(chunk):
+            break  # the broker took only the first ones: what was confirmed stays the first N lines
     return published
 
 

@@ -444,3 +444,15 @@ async def test_publishing_in_chunks_moves_the_bar_and_says_how_far_it_got() -> N
     moved.clear()
     assert await cli.publish_chunks(publish, bodies[:1500], moved.append) == 1500
     assert moved == [1000, 500]
+
+
+async def test_publishing_stops_at_a_chunk_the_broker_took_only_partly() -> None:
+    calls: list[int] = []
+
+    async def publish(bodies: Sequence[bytes]) -> int:
+        calls.append(len(bodies))
+        return len(bodies) - 10 if len(calls) == 2 else len(bodies)
+
+    # The confirmed ones stay the first lines, as `enqueue` reports them ("confirmed N of M").
+    assert await cli.publish_chunks(publish, [b"x"] * 3500, lambda _: None) == 1990
+    assert calls == [1000, 1000]
