@@ -389,6 +389,7 @@ class Dispatcher:
                 log.warning(
                     "retry.scheduled",
                     error=error,
+                    reason=decision.reason.split(":", 1)[0],
                     delay=round(decision.delay, 3),
                     ambiguous=ambiguous,
                 )
