@@ -15,8 +15,10 @@ from typing import Protocol
 from urllib.parse import urlsplit
 from uuid import uuid4
 
+import aio_pika
 import nats
 import redis.asyncio
+from aio_pika.abc import AbstractChannel
 from nats.aio.client import Client as NatsClient
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
@@ -113,6 +115,77 @@ async def redis_broker(tmp_path: Path) -> AsyncIterator[Broker]:
         await client.aclose()
 
 
+RABBITMQ_URL = os.environ.get("ORCH_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+@dataclass
+class RabbitBroker:
+    """A fresh queue NAME (and NAME.dead) on the local RabbitMQ; reads and writes with plain
+    aio-pika, as the producers and operators around the service would."""
+
+    url: str = RABBITMQ_URL
+    name: str = field(default_factory=lambda: f"contract-{uuid4().hex[:8]}")
+
+    def consumer(self) -> Consumer:
+        return open_consumer(self.url, self.name)
+
+    def publisher(self) -> Publisher:
+        return open_publisher(self.url, self.name)
+
+    @asynccontextmanager
+    async def channel(self) -> AsyncIterator[AbstractChannel]:
+        connection = await aio_pika.connect(self.url)
+        try:
+            yield await connection.channel()
+        finally:
+            await connection.close()
+
+    async def dead_letters(self) -> list[tuple[bytes, str]]:
+        # Read without acking: closing the channel puts them back, so they can be read again.
+        found: list[tuple[bytes, str]] = []
+        async with self.channel() as channel:
+            queue = await channel.declare_queue(f"{self.name}.dead", durable=True)
+            while (message := await queue.get(fail=False)) is not None:
+                found.append((message.body, str(message.headers.get("reason"))))
+        return found
+
+    async def publish_native(self, body: bytes, message_id: str | None = None) -> None:
+        await self.publish_many([body], None if message_id is None else [message_id])
+
+    async def publish_many(self, bodies: list[bytes], message_ids: list[str] | None = None) -> None:
+        """Publish as a plain producer does: the default exchange, routing key NAME, confirmed. It
+        declares NAME as the service does (same arguments, so a no-op once the service has), as a
+        producer that may start first would."""
+        ids: list[str | None] = list(message_ids) if message_ids is not None else [None] * len(bodies)
+        async with self.channel() as channel:
+            await channel.declare_queue(self.name, durable=True, arguments={"x-queue-type": "quorum"})
+            for body, message_id in zip(bodies, ids, strict=True):
+                message = aio_pika.Message(body, message_id=message_id, delivery_mode=2)
+                await channel.default_exchange.publish(message, routing_key=self.name)
+
+    async def ready(self, queue: str | None = None) -> int:
+        """How many messages wait in NAME (or `queue`) ready: neither delivered nor unacked."""
+        async with self.channel() as channel:
+            declared = await channel.declare_queue(queue or self.name, passive=True)
+            return declared.declaration_result.message_count or 0
+
+    async def delete(self) -> None:
+        async with self.channel() as channel:
+            for queue in (self.name, f"{self.name}.dead"):
+                await channel.queue_delete(queue)
+
+
+@asynccontextmanager
+async def rabbitmq_broker(tmp_path: Path) -> AsyncIterator[RabbitBroker]:
+    address = urlsplit(RABBITMQ_URL)
+    require_service("RabbitMQ", address.hostname or "127.0.0.1", address.port or 5672)
+    broker = RabbitBroker()
+    try:
+        yield broker
+    finally:
+        await broker.delete()
+
+
 NATS_URL = os.environ.get("ORCH_TEST_NATS_URL", "nats://127.0.0.1:4222")
 
 
@@ -189,6 +262,7 @@ async def nats_broker(tmp_path: Path) -> AsyncIterator[NatsBroker]:
 # real broker's entry checks first that its service answers (tests.conftest.require_service).
 FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[Broker]]] = {
     "sqlite": sqlite_broker,
+    "rabbitmq": rabbitmq_broker,
     "redis": redis_broker,
     "nats": nats_broker,
 }
