@@ -627,6 +627,10 @@ def main(argv: list[str]) -> int:
                     flush=True,
                 )
                 outcomes.append(o)
+        from scaling import scaling, scaling_table  # beside this script; it imports from this one
+
+        print("running the scaling row: 1, 2 and 3 replicas ...")
+        scaled = scaling_table(scaling(args.quick))
     except BenchError as exc:
         print(f"bench: {exc}", file=sys.stderr)
         return 1
@@ -656,6 +660,7 @@ def main(argv: list[str]) -> int:
             comparison(outcomes),
             "### What the simulator saw",
             details(outcomes),
+            scaled,
         ]
     )
     print()
