@@ -122,7 +122,9 @@ class Dispatcher:
         dead = [owner for owner in await self._store.lease_owners() if died_here(owner)]
         if dead:
             ended = await self._store.expire_leases(dead, self._clock.now())
-            log.warning("dispatcher.dead_leases_taken_back", owners=len(dead), requests=ended)
+            if ended:
+                self._wake.set()  # the claim loop may be asleep until those leases would have ended
+                log.warning("dispatcher.dead_leases_taken_back", owners=len(dead), requests=ended)
 
     def _check_renewer(self) -> None:
         renewer = self._renewer
@@ -150,6 +152,11 @@ class Dispatcher:
         interval = self._lease_seconds / 3
         while True:
             await self._clock.sleep(interval)
+            # Another replica on this host killed with -9: take its requests now, not at expiry.
+            try:
+                await self._take_back_leases_of_the_dead()
+            except Exception as exc:  # noqa: BLE001 - a store error: tried again at the next beat
+                log.warning("dispatcher.dead_leases_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             held = dict(self._tasks)
             if not held:
                 continue

@@ -14,7 +14,7 @@ from orchestrator.clock import ManualClock
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
 from tests.unit.dispatching import DS, EXT, SETTLE, Running, add, http
-from tests.unit.fakes import FakeApi, Hang
+from tests.unit.fakes import FakeApi, Hang, until
 
 
 def batch(batch_id: str, status: str = "loading", created: int = 1) -> Batch:
@@ -98,6 +98,26 @@ async def test_leases_of_a_process_that_died_here_are_taken_back_at_start(
         record = await run.get()
     assert (record.state, record.batch_id) == (State.CREATED, "b-made-before-the-kill")
     assert api.methods == ["lookup"]
+
+
+async def test_a_running_dispatcher_takes_back_a_dead_neighbour_s_leases_at_its_next_beat(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    """Another replica on this host killed with -9 while this one runs: its requests come back at
+    the renewer's next beat (a third of the lease), not when its leases run out."""
+    gone = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    assert await gone.wait() == 0
+    api = FakeApi(lookups=[[batch("b-made-before-the-kill")]])
+    async with Running(store, api, clock, lease=60) as run:
+        await run.quiet()
+        await add(store, clock, "r1")
+        owner = f"{socket.gethostname()}/{gone.pid}/x"
+        assert len(await store.claim(owner, 1, 60, clock.now())) == 1  # its lease: 60 s
+        clock.advance(20.001)  # one beat, well inside that lease
+        await until(lambda: api.methods == ["lookup"])
+        await run.quiet()
+        record = await run.get()
+    assert (record.state, record.batch_id) == (State.CREATED, "b-made-before-the-kill")
 
 
 async def test_leases_of_live_processes_are_left_alone(store: SqlBatchStore, clock: ManualClock) -> None:
