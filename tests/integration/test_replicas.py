@@ -1,0 +1,132 @@
+"""Three replicas as an operator runs them: separate `orchestrator run` processes on one RabbitMQ
+queue and one PostgreSQL database, sharing a 30/s limit through Redis, one of them killed with -9
+five seconds in. Every request is created exactly once, the replicas together never make more than
+30 calls in any second, and they ride the limit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import AsyncIterator
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+
+from orchestrator.aep.simulator import Simulator, SimulatorConfig
+from orchestrator.messages import external_id_for
+from tests.conftest import require_service
+from tests.e2e.cli import Process, cli_env, run, start
+
+COUNT = 450
+RATE = 30
+AMQP = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+async def database() -> AsyncIterator[str]:
+    """A PostgreSQL database of its own, dropped afterwards."""
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    import asyncpg
+
+    name = f"orch_replicas_{uuid4().hex[:10]}"
+    admin = await asyncpg.connect("postgresql://postgres@127.0.0.1:5432/test")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def queue_name() -> AsyncIterator[str]:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    import aio_pika
+
+    name = f"test.replicas.{uuid4().hex[:10]}"
+    yield name
+    connection = await aio_pika.connect(AMQP)
+    async with connection:
+        channel = await connection.channel()
+        for queue in (name, f"{name}.dead"):
+            await channel.queue_delete(queue)
+
+
+@pytest.fixture
+async def org() -> AsyncIterator[str]:
+    """An org of its own, so the shared limit's Redis keys are this test's; removed afterwards."""
+    require_service("Redis", "127.0.0.1", 6379)
+    import redis.asyncio as redis
+
+    org_id = f"REPL{uuid4().hex[:20].upper()}@AdobeOrg"
+    yield org_id
+    client = redis.Redis.from_url(REDIS)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"*{org_id}*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def created(env: dict[str, str], cwd: Path) -> list[dict[str, object]]:
+    listed = await run(["batches", "--json", "--state", "created"], env, cwd)
+    return [json.loads(line) for line in listed.stdout.splitlines() if line.strip()]
+
+
+@pytest.mark.timeout(240)
+async def test_three_replicas_share_the_limit_and_survive_a_kill(
+    tmp_path: Path, database: str, queue_name: str, org: str
+) -> None:
+    sim = Simulator(SimulatorConfig(org_id=org, rate_limit=RATE, latency=0.05, seed=9))
+    await sim.start()
+    replicas: list[Process] = []
+    try:
+        env = cli_env(
+            tmp_path,
+            sim.url,
+            QUEUE__URL=AMQP,
+            QUEUE__NAME=queue_name,
+            STORE__URL=database,
+            LIMITS__RATE=str(RATE),
+            LIMITS__REDIS_URL=REDIS,
+            AEP__ORG_ID=org,
+            AEP__CATALOG_SETTLE="1",
+        )
+        ids = "\n".join(f"{index:024x}" for index in range(COUNT)).encode()
+        enqueued = await run(["enqueue", "--file", "-"], env, tmp_path, stdin=ids)
+        assert enqueued.code == 0, enqueued.stderr[-2000:]
+        replicas = [await start(["run"], env, tmp_path) for _ in range(3)]
+        # Five seconds in, as the scenario says: the clock of the test, not a condition awaited.
+        await asyncio.sleep(5)
+        assert len(sim.stats.batches) < COUNT, "the kill came too late to test anything"
+        replicas[0].signal(signal.SIGKILL)
+        assert (await replicas[0].wait(timeout=10)).code == -signal.SIGKILL
+        async with asyncio.timeout(150):
+            while len(await created(env, tmp_path)) < COUNT:  # noqa: ASYNC110 - another process
+                await asyncio.sleep(1)
+        for replica in replicas[1:]:
+            replica.signal(signal.SIGTERM)
+        stopped = [await replica.wait(timeout=40) for replica in replicas[1:]]
+        live = sim.live_batches()
+        stats = sim.stats
+    finally:
+        for replica in replicas:
+            if replica.proc.returncode is None:
+                replica.proc.kill()
+        await sim.stop()
+    assert [result.code for result in stopped] == [0, 0], stopped[0].stderr[-2000:]
+    records = await created(env, tmp_path)
+    assert len(records) == COUNT
+    # Exactly once: one batch per request, the one recorded.
+    assert len(stats.batches) == COUNT
+    assert max(stats.batches_per_dataset.values()) == 1
+    assert all(live[external_id_for(str(record["requestId"]))] == [record["batchId"]] for record in records)
+    # Never more than the limit in any second across the replicas, and near it on average.
+    assert stats.max_calls_per_second <= RATE
+    made = sorted(batch.created for batch in stats.batches)
+    mean = COUNT / ((made[-1] - made[0]) / 1000)
+    assert mean >= 0.8 * RATE, f"mean {mean:.1f}/s"
