@@ -16,7 +16,21 @@ service runs, a second replica on the same file) only with these settings on eve
 - `synchronous=FULL` where a lost commit is expensive: WAL with NORMAL may roll back the last
   commits on power loss, and a lost `created` row means a second batch.
 
-PostgreSQL needs none of this; its URLs only get the asyncpg driver (an optional extra).
+PostgreSQL needs none of this; its URLs get the asyncpg driver (an optional extra) and a pool:
+
+- `POSTGRES_POOL_SIZE` connections kept, `POSTGRES_MAX_OVERFLOW` more for bursts. A replica's writes
+  run concurrently there (see `SqlBatchStore`): outcomes of up to ORCH_LIMITS__CONCURRENCY calls
+  finishing together, the claim loop, lease renewals, intake's records, the event relay, the
+  monitor's and `--until-idle`'s reads. Each holds a connection for a few milliseconds, so 10
+  (15 in a burst) serve the default 16 calls in flight with little waiting, and a write that finds
+  none free waits for one (up to SQLAlchemy's `pool_timeout`, 30 s) rather than failing. Three
+  replicas stay at 45 connections at most, inside PostgreSQL's default `max_connections` of 100;
+- `pool_pre_ping`: every checkout tests the connection first, so the connections a database restart
+  broke are replaced instead of failing the next statement (reference §4). A connection lost in
+  the middle of a transaction still fails that transaction: the callers treat it as any store
+  error (wait, then try again), and nothing half-written is committed;
+- a connect timeout, so that a database that does not answer at all fails a checkout within
+  `POSTGRES_CONNECT_TIMEOUT` seconds instead of asyncpg's 60.
 """
 
 from __future__ import annotations
@@ -44,6 +58,11 @@ Synchronous = Literal["FULL", "NORMAL"]
 READ_ONLY = "orchestrator_read_only"
 
 BUSY_TIMEOUT_MS = 5000
+
+# PostgreSQL's pool (see the module's docstring).
+POSTGRES_POOL_SIZE = 10
+POSTGRES_MAX_OVERFLOW = 5
+POSTGRES_CONNECT_TIMEOUT = 10.0
 
 # Retries of the switch to WAL (`use_wal`): full jitter, so openers started together spread out,
 # over a window doubling from the first to the last value. The lock they wait for is held for one
@@ -82,16 +101,20 @@ def create_engine(
 
     SQLite defaults to a single pooled connection: SQLite has one writer at a time anyway, so
     coroutines queue on the pool (fair, no timeout to run out) instead of spinning in SQLite's
-    busy handler. `busy_timeout` then only arbitrates between processes.
+    busy handler. `busy_timeout` then only arbitrates between processes. PostgreSQL defaults to
+    `POSTGRES_POOL_SIZE`.
     """
     target = async_url(url)
     if target.get_backend_name() == "sqlite":
         return _sqlite_engine(target, synchronous, pool_size or 1)
     _require_asyncpg()
-    options: dict[str, Any] = {"pool_pre_ping": True}
-    if pool_size is not None:
-        options["pool_size"] = pool_size
-    return create_async_engine(target, **options)
+    return create_async_engine(
+        target,
+        pool_pre_ping=True,
+        pool_size=pool_size or POSTGRES_POOL_SIZE,
+        max_overflow=POSTGRES_MAX_OVERFLOW,
+        connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT},
+    )
 
 
 async def open_engine(

@@ -2,8 +2,10 @@
 
 One code path for both. Where they differ it is said in place: the dialect's `INSERT … ON CONFLICT DO
 NOTHING`, `FOR UPDATE SKIP LOCKED` on PostgreSQL (SQLite needs none: `BEGIN IMMEDIATE` makes each
-write transaction the only writer), and timestamps (SQLite keeps naive text; `UtcDateTime` stores UTC
-and hands back aware datetimes on both).
+write transaction the only writer), timestamps (SQLite keeps naive text; `UtcDateTime` stores UTC
+and hands back aware datetimes on both), the clock leases run on (`_lease_clock`), and how writes
+reach the database (one group-committing writer on SQLite, concurrent pooled transactions on
+PostgreSQL: see `SqlBatchStore`).
 
 The schema belongs to the Alembic migrations in `migrations/`, applied at `open()`. The tables below
 describe it for the queries; `tests/unit/test_store.py` checks the two agree.
@@ -263,14 +265,23 @@ def upgrade(connection: Connection) -> None:
 class SqlBatchStore:
     """`BatchStore` on SQLAlchemy Core. `url` is `sqlite:///PATH` or `postgresql://…`.
 
-    Every write goes through one writer task that commits whatever is queued in one transaction
-    (group commit, at most `MAX_BATCH` operations): a lone call is written at once, and calls that
-    arrive while a commit is under way share the next one. On this project's 2-vCPU test machine a
-    statement through SQLAlchemy and aiosqlite costs about half a millisecond of CPU, so one
-    transaction per call capped `add` near 200 a second; batched, concurrent adds share a single
-    multi-row INSERT. The order of operations is the order of the calls. If anything in a batch
-    fails, the batch is rolled back and each operation is retried alone, so one bad call cannot
-    fail its neighbours. Cancelling a caller does not withdraw its write.
+    On SQLite every write goes through one writer task that commits whatever is queued in one
+    transaction (group commit, at most `MAX_BATCH` operations): a lone call is written at once, and
+    calls that arrive while a commit is under way share the next one. SQLite has one writer at a
+    time anyway, and on this project's 2-vCPU test machine a statement through SQLAlchemy and
+    aiosqlite costs about half a millisecond of CPU, so one transaction per call capped `add` near
+    200 a second; batched, concurrent adds share a single multi-row INSERT. The order of operations
+    is the order of the calls. If anything in a batch fails, the batch is rolled back and each
+    operation is retried alone, so one bad call cannot fail its neighbours.
+
+    PostgreSQL takes many writers at once, and one writer per replica would queue every claim,
+    renewal and outcome of a replica behind the others' commits: there each write runs in its own
+    transaction on a pooled connection (`engine.POSTGRES_POOL_SIZE`), concurrently. Only the
+    records of received messages (`add`, `reject`) still share a writer and its commits, so that
+    a batch received together costs one multi-row INSERT and one commit, in the order received.
+
+    Either way, cancelling a caller does not withdraw its write, and `close` waits for every write
+    asked for.
 
     With `events` on (ORCH_EVENTS__URL is set), a request's move to `created` or `failed` also
     writes its batch event to the outbox, in the same transaction: the event exists exactly when
@@ -290,12 +301,15 @@ class SqlBatchStore:
         self._insert: Callable[[Table], sqlite.Insert | postgresql.Insert] = sqlite.insert
         self._queue: list[_Op] = []
         self._writer: asyncio.Task[None] | None = None
+        # PostgreSQL: the transactions running on their own (see the class's docstring).
+        self._alone: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         if self._engine is not None:
             return
         postgres = async_url(self.url).get_backend_name() == "postgresql"
         # SQLite: one connection for the writer task, one so reads need not wait for its commit.
+        # PostgreSQL: the engine's default (POSTGRES_POOL_SIZE) unless told otherwise.
         pool_size = self._pool_size or (None if postgres else 2)
         engine = await open_engine(self.url, synchronous="FULL", pool_size=pool_size)
         try:
@@ -310,10 +324,11 @@ class SqlBatchStore:
         self._insert = postgresql.insert if postgres else sqlite.insert
 
     async def close(self) -> None:
-        # Let queued writes finish: their callers were promised them.
-        if self._writer is not None:
-            await asyncio.wait([self._writer])
-            self._writer = None
+        # Let queued and running writes finish: their callers were promised them.
+        writes = [*self._alone, *([self._writer] if self._writer is not None else [])]
+        if writes:
+            await asyncio.wait(writes)
+        self._writer = None
         engine, self._engine, self._reader = self._engine, None, None
         if engine is not None:
             await engine.dispose()
@@ -325,7 +340,7 @@ class SqlBatchStore:
         return self._reader
 
     async def add(self, request: BatchRequest, now: datetime) -> AddResult:
-        result: AddResult = await self._write(_Op(add=(request, now)))
+        result: AddResult = await self._write(_Op(add=(request, now), shared=True))
         return result
 
     async def reject(self, request_id: str, dataset_id: str | None, reason: str, now: datetime) -> None:
@@ -353,13 +368,18 @@ class SqlBatchStore:
             if pk is not None:
                 tx.trail(pk, now, None, State.REJECTED, 0, reason)
 
-        await self._write(_Op(run=run))
+        # A record of a received message, like `add`: in order with the adds around it.
+        await self._write(_Op(run=run, shared=True))
 
     async def next_due(self) -> datetime | None:
         # A row becomes claimable at next_attempt_at, or at its lease's expiry while leased (the
         # holder may have died). A leased row's next_attempt_at is already past (it was due when
         # claimed), so its expiry is the later of the two; and every leased row is unfinished,
         # since finishing clears the lease. Two index walks instead of a scan of the backlog.
+        # On PostgreSQL a lease expiry is a time on the database's clock (`_lease_clock`) and the
+        # others are on the callers' clocks: a replica whose clock is off by more than the poll
+        # interval then polls a little too often or too late, while claims, which compare on the
+        # database, still decide who gets what.
         unleased = (
             select(batch_request.c.next_attempt_at)
             .where(_DUE, batch_request.c.lease_expires_at.is_(None))
@@ -383,8 +403,11 @@ class SqlBatchStore:
         if limit <= 0:
             return []
         claimable = (
+            # Due times stay on the callers' clocks (each replica's `now`), unlike leases: skew there
+            # only makes a request due a little early or late on a replica whose clock is off, and a
+            # retry that comes early or late is still one attempt, fenced by its own lease.
             batch_request.c.next_attempt_at <= now,  # only unfinished rows have one
-            or_(batch_request.c.lease_expires_at.is_(None), batch_request.c.lease_expires_at <= now),
+            self._lease_free(now),
         )
         order = (batch_request.c.next_attempt_at, batch_request.c.id)
         return await self._claim(claimable, order, owner, limit, lease_seconds, now, attempt=True)
@@ -394,10 +417,7 @@ class SqlBatchStore:
     ) -> list[Claim]:
         if limit <= 0:
             return []
-        claimable = (
-            batch_request.c.reconcile_at <= now,
-            or_(batch_request.c.lease_expires_at.is_(None), batch_request.c.lease_expires_at <= now),
-        )
+        claimable = (batch_request.c.reconcile_at <= now, self._lease_free(now))
         order = (batch_request.c.reconcile_at, batch_request.c.id)
         return await self._claim(claimable, order, owner, limit, lease_seconds, now, attempt=False)
 
@@ -453,7 +473,7 @@ class SqlBatchStore:
                 .values(
                     lease_token=token,
                     lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    lease_expires_at=self._lease_clock(now) + timedelta(seconds=lease_seconds),
                     updated_at=now,
                     **counted,
                 )
@@ -593,9 +613,9 @@ class SqlBatchStore:
             update(batch_request)
             .where(
                 batch_request.c.lease_owner.in_(list(owners)),
-                batch_request.c.lease_expires_at > now,
+                batch_request.c.lease_expires_at > self._lease_clock(now),
             )
-            .values(lease_expires_at=now)
+            .values(lease_expires_at=self._lease_clock(now))
             .returning(batch_request.c.id)
         )
 
@@ -620,7 +640,7 @@ class SqlBatchStore:
             update(batch_request)
             # Pairs, not two IN lists: those would also match one request's id with another's lease.
             .where(tuple_(batch_request.c.request_id, batch_request.c.lease_token).in_(pairs))
-            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+            .values(lease_expires_at=self._lease_clock(now) + timedelta(seconds=lease_seconds))
             .returning(batch_request.c.request_id)
         )
 
@@ -629,6 +649,30 @@ class SqlBatchStore:
 
         renewed: set[str] = await self._write(_Op(run=run))
         return renewed
+
+    def _lease_clock(self, now: datetime) -> Any:
+        """The time leases are set from and compared with.
+
+        PostgreSQL: the database's own clock, so that every replica measures every lease on one
+        clock. On each replica's clock, a replica running an hour fast would see every lease held
+        by the others as run out and take their requests over mid-call, and one running slow would
+        set leases that ran out long ago. `clock_timestamp()`, not `now()`: that is the start of the
+        transaction, which can lie behind by however long the transaction waited for its locks.
+        (The other times the store keeps, such as when a request is due, stay on the callers'
+        clocks: see `claim`.) Outcomes are fenced by the lease's token, never by its time.
+
+        SQLite: the caller's `now`; every process on the file shares one machine's clock.
+        """
+        if self._postgres:
+            # Typed as a plain DateTime: `+ timedelta` then binds an INTERVAL (UtcDateTime would
+            # bind the timedelta as a time).
+            return func.clock_timestamp(type_=DateTime(timezone=True))
+        return now
+
+    def _lease_free(self, now: datetime) -> ColumnElement[bool]:
+        """No lease, or one that has run out (`_lease_clock`)."""
+        expires = batch_request.c.lease_expires_at
+        return or_(expires.is_(None), expires <= self._lease_clock(now))
 
     async def _finish(
         self,
@@ -665,14 +709,32 @@ class SqlBatchStore:
     async def _write(self, op: _Op) -> Any:
         if self._engine is None:
             raise RuntimeError("the store is not open")
-        self._queue.append(op)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain(), name="store.writer")
+        if self._postgres and not op.shared:
+            task = asyncio.create_task(self._run_alone(op), name="store.write")
+            self._alone.add(task)
+            task.add_done_callback(self._alone.discard)
+        else:
+            self._queue.append(op)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._drain(), name="store.writer")
         # Shielded: a write once asked for happens even if its caller is cancelled meanwhile (a
         # dispatcher shutting down still records the outcome it was recording).
         return await asyncio.shield(op.future)
 
+    async def _run_alone(self, op: _Op) -> None:
+        """`op` in a transaction of its own; its caller gets the result or the error."""
+        try:
+            [result] = await self._transaction([op])
+        except Exception as exc:  # noqa: BLE001 - handed to the caller that asked
+            op.fail(exc)
+        except BaseException:
+            op.future.cancel()  # cancelled (the loop is shutting down): not written
+            raise
+        else:
+            op.resolve(result)
+
     async def _drain(self) -> None:
+        batch: list[_Op] = []
         try:
             while self._queue:
                 batch = [op for op in self._queue[: self.MAX_BATCH] if not op.future.done()]
@@ -683,18 +745,14 @@ class SqlBatchStore:
                     results = await self._transaction(batch)
                 except Exception:  # noqa: BLE001 - retried one by one below, each failing on its own
                     for op in batch:  # find the one that failed; the others still succeed
-                        try:
-                            [result] = await self._transaction([op])
-                        except Exception as exc:  # noqa: BLE001 - handed to the caller that asked
-                            op.fail(exc)
-                        else:
-                            op.resolve(result)
+                        await self._run_alone(op)
                 else:
                     for op, result in zip(batch, results, strict=True):
                         op.resolve(result)
         except BaseException:
-            # Cancelled (the loop is shutting down): nothing queued will be written.
-            for op in self._queue:
+            # Cancelled (the loop is shutting down): nothing queued will be written, nor the batch
+            # under way (its transaction was rolled back). Their callers learn it.
+            for op in [*batch, *self._queue]:
                 op.future.cancel()
             self._queue.clear()
             raise
@@ -992,18 +1050,21 @@ class SqlBatchStore:
 
 
 class _Op:
-    """One queued write: an add (merged with neighbouring adds) or any other transaction step."""
+    """One write: an add (merged with neighbouring adds) or any other transaction step. `shared`:
+    it shares the writer (and its commits) on PostgreSQL too; on SQLite every write does."""
 
-    __slots__ = ("add", "future", "run")
+    __slots__ = ("add", "future", "run", "shared")
 
     def __init__(
         self,
         *,
         add: tuple[BatchRequest, datetime] | None = None,
         run: Callable[[_Tx], Awaitable[Any]] | None = None,
+        shared: bool = False,
     ) -> None:
         self.add = add
         self.run = run
+        self.shared = shared
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Marks the outcome as seen, so an error nobody is left to await is not reported as lost.
         self.future.add_done_callback(_consume)

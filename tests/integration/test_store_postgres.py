@@ -1,4 +1,5 @@
-"""The portable store tests of tests/unit/test_store.py, again on PostgreSQL (asyncpg).
+"""The portable store tests of tests/unit/test_store.py, again on PostgreSQL (asyncpg), and what
+only PostgreSQL does: leases on the database's clock, concurrent pooled writes, the migration lock.
 
 Each test gets a fresh database, dropped afterwards. The server is ORCH_TEST_POSTGRES_URL (default
 the machine's local one); without it the tests skip, or fail when ORCH_TEST_REQUIRE_SERVICES=1.
@@ -6,18 +7,23 @@ the machine's local one); without it the tests skip, or fail when ORCH_TEST_REQU
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
-from orchestrator.store.engine import async_url
-from tests.conftest import require_service
+from orchestrator.store.base import State
+from orchestrator.store.engine import POSTGRES_POOL_SIZE, async_url, create_engine
+from orchestrator.store.sql import _MIGRATION_LOCK, SqlBatchStore
+from tests.conftest import MakeStore, require_service
+from tests.e2e.cli import until
 from tests.unit import test_store as unit
 from tests.unit.test_store import now  # noqa: F401  # the fixture, shared
 
@@ -49,3 +55,101 @@ async def store_url() -> AsyncIterator[str]:
         yield SERVER.set(database=name).render_as_string(hide_password=False)
     finally:
         await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --- PostgreSQL only ----------------------------------------------------------------------------
+
+
+async def _database_clock(store: SqlBatchStore) -> datetime:
+    assert store._engine is not None
+    async with store._engine.connect() as connection:
+        time: datetime = (await connection.execute(text("SELECT clock_timestamp()"))).scalar_one()
+    return time
+
+
+async def test_leases_run_on_the_database_clock_whatever_the_callers_say(make_store: MakeStore) -> None:
+    # Two replicas whose clocks are two hours apart: on their own clocks, the fast one would see the
+    # slow one's leases as long run out and take its requests over mid-call.
+    store = await make_store()
+    hour = timedelta(hours=1)
+    slow, fast = unit.T0 - hour, unit.T0 + hour
+    for request_id in ("held", "lost"):
+        await store.add(unit.request(request_id), slow - hour)  # due for both
+    [held] = await store.claim("slow", 1, 30, slow)
+    [lost] = await store.claim("crashed", 1, 0, slow)  # runs out at once
+
+    [taken] = await store.claim("fast", 2, 30, fast)
+
+    assert (taken.record.request_id, taken.taken_over) == ("lost", True)
+    # The slow replica's renewal counts on the database's clock too, and so does ending a lease.
+    assert await store.renew([held], 30, slow) == {"held"}
+    assert await store.claim("fast", 2, 30, fast) == []
+    assert await store.expire_leases(["slow"], slow - hour) == 1
+    [again] = await store.claim("fast", 2, 30, fast)
+    assert (again.record.request_id, again.taken_over) == ("held", True)
+    assert await store.mark_created(held, "b-late", "loading", slow) is False  # fenced by the token
+    assert lost.lease != taken.lease
+
+
+async def test_next_due_reports_a_lease_expiry_on_the_database_clock(make_store: MakeStore) -> None:
+    store = await make_store()
+    await store.add(unit.request(), unit.T0)
+    before = await _database_clock(store)
+
+    await store.claim("d", 1, 30, unit.T0)
+
+    after = await _database_clock(store)
+    due = await store.next_due()
+    assert due is not None
+    assert before + timedelta(seconds=30) <= due <= after + timedelta(seconds=30)
+
+
+async def test_writes_run_concurrently_in_pooled_transactions(make_store: MakeStore, store_url: str) -> None:
+    # One outcome waits for a row lock another connection holds: the other outcomes are written
+    # meanwhile, in transactions of their own (one writer would queue them all behind it).
+    store, at = await make_store(), unit.T0
+    assert store._engine is not None
+    assert store._engine.pool.size() == POSTGRES_POOL_SIZE  # type: ignore[attr-defined]
+    for request_id in ("blocked", "a", "b"):
+        await store.add(unit.request(request_id), at)
+    claims = {claim.record.request_id: claim for claim in await store.claim("d", 3, 30, at)}
+    locker = create_engine(store_url)
+    try:
+        async with locker.begin() as connection:
+            await connection.execute(
+                text("SELECT id FROM batch_request WHERE request_id = 'blocked' FOR UPDATE")
+            )
+            blocked = asyncio.create_task(store.mark_created(claims["blocked"], "b0", "loading", at))
+            async with asyncio.timeout(10):
+                assert await store.mark_created(claims["a"], "b1", "loading", at) is True
+                assert await store.mark_failed(claims["b"], "HTTP 400", at) is True
+            assert not blocked.done()
+        assert await asyncio.wait_for(blocked, 10) is True
+    finally:
+        await locker.dispose()
+    assert (await store.counts())[State.CREATED] == 2
+
+
+async def test_opening_waits_for_the_migration_lock(store_url: str) -> None:
+    # Replicas starting together take turns migrating: while another holds the lock, open() waits.
+    locker = create_engine(store_url)
+    store = SqlBatchStore(store_url)
+    try:
+        async with locker.begin() as connection:
+            await connection.execute(select(func.pg_advisory_xact_lock(_MIGRATION_LOCK)))
+            opening = asyncio.create_task(store.open())
+
+            async def waiting() -> bool:
+                async with locker.connect() as other:
+                    waiters = text(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                    )
+                    return bool((await other.execute(waiters)).scalar_one())
+
+            await until(waiting, "open() to wait for the migration lock", timeout=10)
+            assert not opening.done()
+        await asyncio.wait_for(opening, 30)
+        assert await store.counts() == dict.fromkeys(State, 0)
+    finally:
+        await store.close()
+        await locker.dispose()

@@ -187,16 +187,20 @@ async def test_an_expired_lease_is_claimed_again_and_needs_a_lookup(
     make_store: MakeStore, now: datetime
 ) -> None:
     store = await make_store()
+    await store.add(request("held"), now)
     await store.add(request(), now)
-    [lost] = await store.claim("crashed", 1, 30, now)
+    # A lease of 30 s is held a second later, and one of 0 s has run out as soon as it is taken, on
+    # the caller's clock (SQLite) and on the database's (PostgreSQL) alike.
+    [held] = await store.claim("alive", 1, 30, now)
+    [lost] = await store.claim("crashed", 1, 0, now)
 
-    assert await store.claim("d2", 1, 30, now + timedelta(seconds=29)) == []
-    [taken] = await store.claim("d2", 1, 30, now + timedelta(seconds=30))
+    [taken] = await store.claim("d2", 2, 30, now + timedelta(seconds=1))
 
-    assert (taken.attempt, taken.needs_lookup) == (2, True)
+    assert (taken.record.request_id, held.record.request_id) == ("r1", "held")
+    assert (taken.attempt, taken.needs_lookup, taken.taken_over) == (2, True, True)
     assert taken.lease != lost.lease
     # The first holder wakes up late: every outcome it tries to record is refused, and nothing changes.
-    later = now + timedelta(seconds=31)
+    later = now + timedelta(seconds=2)
     assert await store.mark_created(lost, "b-late", "loading", later) is False
     assert await store.mark_retry(lost, "e", later, ambiguous=False, now=later) is False
     assert await store.mark_failed(lost, "e", later) is False
@@ -207,7 +211,7 @@ async def test_an_expired_lease_is_claimed_again_and_needs_a_lookup(
         State.PENDING,
         2,
         None,
-        now + timedelta(seconds=30),
+        now + timedelta(seconds=1),
     )
     assert len(await store.history("r1")) == 1
     assert await store.mark_created(taken, "b1", "loading", later) is True
@@ -326,10 +330,16 @@ async def test_renew_matches_request_and_lease_pairs(make_store: MakeStore, now:
     [second] = await store.claim("d", 1, 30, now + timedelta(seconds=1))
     assert first.lease != second.lease
     crossed = [replace(first, lease=second.lease), replace(second, lease=first.lease)]
+    later = now + timedelta(seconds=20)
 
-    assert await store.renew(crossed, 30, now + timedelta(seconds=20)) == set()
-    assert await store.renew([first, second], 30, now + timedelta(seconds=20)) == {"r1", "r2"}
-    assert await store.next_due() == now + timedelta(seconds=50)
+    assert await store.renew(crossed, 0, later) == set()
+    assert await store.claim("other", 2, 30, later) == []  # the crossed pairs changed nothing
+    # A renewal sets the lease anew from when it is made: one of 0 s has run out at once, on the
+    # caller's clock (SQLite) and on the database's (PostgreSQL) alike.
+    assert await store.renew([first, second], 0, later) == {"r1", "r2"}
+    taken = await store.claim("other", 2, 30, later)
+    assert sorted(claim.record.request_id for claim in taken) == ["r1", "r2"]
+    assert await store.renew([first, second], 30, later) == set()  # no longer theirs
 
 
 @portable
@@ -417,7 +427,27 @@ async def test_outcomes_write_events_to_the_outbox(make_store: MakeStore, now: d
 # --- queries ------------------------------------------------------------------------------------
 
 
-@portable
+# Not portable: leases run on the caller's clock here; on PostgreSQL they run on the database's
+# (tests/integration/test_store_postgres.py has that side).
+
+
+async def test_sqlite_leases_run_on_the_callers_clock(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store()
+    await store.add(request(), now)
+    [held] = await store.claim("d1", 1, 30, now)
+
+    assert await store.claim("d2", 1, 30, now + timedelta(seconds=29)) == []
+    assert await store.renew([held], 30, now + timedelta(seconds=20)) == {"r1"}
+    assert await store.next_due() == now + timedelta(seconds=50)
+    assert await store.claim("d2", 1, 30, now + timedelta(seconds=49)) == []
+    [taken] = await store.claim("d2", 1, 30, now + timedelta(seconds=50))
+    assert (taken.attempt, taken.taken_over) == (2, True)
+    assert await store.expire_leases(["d2"], now + timedelta(seconds=51)) == 1
+    assert await store.next_due() == now + timedelta(seconds=51)
+    [again] = await store.claim("d3", 1, 30, now + timedelta(seconds=51))
+    assert again.attempt == 3
+
+
 async def test_next_due_includes_lease_expiry(make_store: MakeStore, now: datetime) -> None:
     store = await make_store()
     assert await store.next_due() is None
