@@ -117,6 +117,7 @@ async def test_three_replicas_share_the_limit_and_survive_a_kill(
         for replica in replicas:
             if replica.proc.returncode is None:
                 replica.proc.kill()
+                await replica.wait(timeout=10)  # reaps it and closes its pipes
         await sim.stop()
     assert [result.code for result in stopped] == [0, 0], stopped[0].stderr[-2000:]
     records = await created(env, tmp_path)
