@@ -25,7 +25,7 @@ from orchestrator.observe import NULL, Observer
 from orchestrator.owners import process_owner
 from orchestrator.pipeline.dispatcher import Dispatcher
 from orchestrator.pipeline.intake import Intake
-from orchestrator.pipeline.limiter import Limiter
+from orchestrator.pipeline.limiter import Limiter, open_limiter
 from orchestrator.pipeline.retry import RetryBudget, RetryPolicy
 from orchestrator.queues import open_publisher, open_queue
 from orchestrator.queues.base import Queue
@@ -152,14 +152,20 @@ async def open_components(
         files = tuple(file for file in opened if file is not None)
         try:
             connector = aiohttp.TCPConnector(limit=settings.limits.concurrency * 2)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                policy = RetryPolicy(settings.retry, random.Random(), RetryBudget())
+            policy = RetryPolicy(settings.retry, random.Random(), RetryBudget())
+            owner = process_owner()
+            async with (
+                aiohttp.ClientSession(connector=connector) as session,
                 # One cap on Retry-After for both: the shared pause and the request's own retry.
-                limiter = Limiter(settings.limits, clock, pause_cap=policy.retry_after_cap, observer=observer)
+                # Shared with the other replicas through ORCH_LIMITS__REDIS_URL when it is set; it
+                # checks Redis at start, and says when other replicas work unshared on the store.
+                open_limiter(
+                    settings, clock, store, owner, pause_cap=policy.retry_after_cap, observer=observer
+                ) as limiter,
+            ):
                 tokens = token_provider(settings.aep, session, clock, observer)
                 client = AepClient(settings.aep, session, tokens, gate=limiter, observer=observer)
                 wake = asyncio.Event()
-                owner = process_owner()
                 yield Components(
                     store=store,
                     queue=queue,

@@ -177,7 +177,15 @@ class LimitSettings(Section):
     concurrency: int = Field(default=16, gt=0, le=1024)
     # Intake stops reading the queue while this many requests are unfinished (backpressure).
     max_backlog: int = Field(default=10_000, gt=0)
+    # RATE per PERIOD shared by every replica using this Redis (pipeline/shared_limit.py).
     redis_url: str | None = None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and value.split(":", 1)[0].lower() not in {"redis", "rediss", "unix"}:
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
 
 
 class RetrySettings(Section):

@@ -7,6 +7,11 @@ Three limits, taken in this order:
 3. the rate (`SlidingLog`: never more than N starts in any window of one period), whose N adapts:
    cut by 30 % on a throttle signal, recovered linearly on success (AIMD).
 
+With a `SharedWindow` (ORCH_LIMITS__REDIS_URL, see shared_limit.py) the rate and the pause are those
+of every replica of the org and sandbox: the window is taken there instead of in the process, and
+a throttle signal pauses every replica. Should that store stop answering, each replica keeps to its
+share of the rate (RATE / replicas seen) in the process until it answers again.
+
 Every wait is on the injected clock, so the limiter is tested on a manual clock without waiting.
 """
 
@@ -23,7 +28,15 @@ from orchestrator import logs
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.observe import NULL, Observer
 from orchestrator.pipeline.retry import parse_retry_after
-from orchestrator.settings import LimitSettings
+from orchestrator.pipeline.shared_limit import (
+    LeaseOwners,
+    RedisWindow,
+    ReplicaCensus,
+    SharedUnavailable,
+    SharedWindow,
+    limit_key,
+)
+from orchestrator.settings import LimitSettings, Settings
 
 log = logs.get("limiter")
 
@@ -111,14 +124,19 @@ class RateController:
     def pause_remaining(self) -> float:
         return max(0.0, self._paused_until - self._clock.monotonic())
 
+    def extend_pause(self, seconds: float) -> float:
+        """Pause at least `seconds` (capped) from now; how many seconds that added to the pause."""
+        now = self._clock.monotonic()
+        end = now + min(max(0.0, seconds), self.pause_cap)
+        if end <= self._paused_until:
+            return 0.0
+        extended = end - max(now, self._paused_until)
+        self._paused_until = end
+        return extended
+
     def on_throttle(self, retry_after: float | None) -> ThrottleOutcome:
         now = self._clock.monotonic()
-        pause = self.period if retry_after is None else retry_after
-        pause = min(max(0.0, pause), self.pause_cap)
-        extended = 0.0
-        if now + pause > self._paused_until:
-            extended = now + pause - max(now, self._paused_until)
-            self._paused_until = now + pause
+        extended = self.extend_pause(self.period if retry_after is None else retry_after)
         decreased = None
         if self._last_decrease is None or now - self._last_decrease >= self.period:
             old = self._rate
@@ -158,6 +176,17 @@ def throttler_params(rate: float, period: float) -> tuple[int, float]:
     return rate_limit, period * rate_limit / rate
 
 
+def window_params(rate: float, period: float) -> tuple[int, float]:
+    """The sliding window, in the process or shared, for `rate` calls per `period`: at most `limit`
+    starts in any `window` seconds."""
+    rate_limit, stretched = throttler_params(rate, period)
+    # The window counts starts as the client sees them; AEP counts arrivals, which a busy event
+    # loop or a new connection can delay by some milliseconds. A window slightly wider than the
+    # period keeps those late starts out of the server's next window (measured in bench/; for the
+    # shared window, in shared_limit.py).
+    return rate_limit, stretched * (1 + WINDOW_MARGIN) + WINDOW_SLACK
+
+
 class SlidingLog:
     """At most `rate_limit` starts in any window of `period` seconds, waited for by polling every
     `retry_interval` seconds.
@@ -176,18 +205,44 @@ class SlidingLog:
         self._starts: deque[float] = deque()
 
     async def acquire(self) -> None:
+        await self.wait()
+        self.note()
+
+    async def wait(self) -> None:
+        """Until one more start would keep within the limit (without taking it)."""
         while True:
             now = self._clock.monotonic()
             while self._starts and now - self._starts[0] > self.period:
                 self._starts.popleft()
             if len(self._starts) < self.rate_limit:
-                break
+                return
             await self._clock.sleep(self.retry_interval)
+
+    def note(self) -> None:
+        """Count a start made now."""
         self._starts.append(self._clock.monotonic())
+
+    def fill(self) -> None:
+        """Count the window as full from now on: the next start waits a whole window."""
+        self._starts = deque([self._clock.monotonic()] * self.rate_limit)
+
+    def recent(self) -> int:
+        """Starts counted in the window that ends now."""
+        now = self._clock.monotonic()
+        return sum(1 for start in self._starts if now - start <= self.period)
+
+
+# Seconds between two tries of a shared window that stopped answering. A try costs at most
+# shared_limit.TIMEOUT of one start's wait (nothing when the connection is refused).
+PROBE_INTERVAL = 1.0
+# The shortest wait before asking a full shared window again, so that a wait the server rounded
+# down to nothing cannot turn into a burst of round trips.
+MIN_WAIT = 0.001
 
 
 class Limiter:
-    """The `CallGate`: a concurrency slot, the shared pause, then the adaptive rate."""
+    """The `CallGate`: a concurrency slot, the shared pause, then the adaptive rate; the rate and the
+    pause shared with other replicas through `shared` when given (see the module's docstring)."""
 
     def __init__(
         self,
@@ -196,11 +251,23 @@ class Limiter:
         *,
         pause_cap: float = 60.0,
         observer: Observer = NULL,
+        shared: SharedWindow | None = None,
     ) -> None:
         self._clock = clock or SystemClock()
         self._observer = observer
         self._controller = RateController(settings.rate, settings.period, self._clock, pause_cap=pause_cap)
         self._throttler = SlidingLog(settings.rate, settings.period, self._clock)
+        self._shared = shared
+        self._shared_limit, self._shared_window = window_params(settings.rate, settings.period)
+        # Replicas seen: in the store's leases (the census) and by the shared window (recent starts).
+        self._replicas_in_store = 1
+        self._replicas_sharing = 1
+        self._lost_at: float | None = None  # since when the shared window does not answer
+        self._probe_at = -math.inf
+        self._share_also_until = -math.inf
+        # The last throttle signal (its time on the shared store's clock) counted here.
+        self._counted_signal: int | None = None
+        self._sharing: set[asyncio.Task[None]] = set()
         self._apply_rate()
         self._semaphore = asyncio.Semaphore(settings.concurrency)
         self._turn = asyncio.Lock()
@@ -228,6 +295,38 @@ class Limiter:
         """Seconds left of the shared pause (0 when not paused)."""
         return self._controller.pause_remaining()
 
+    @property
+    def replicas(self) -> int:
+        """Replicas seen working (this one included): the divisor of the per-replica share."""
+        return max(self._replicas_in_store, self._replicas_sharing)
+
+    @property
+    def shared_lost(self) -> bool:
+        """The limit is shared, and its store does not answer: the per-replica share applies."""
+        return self._lost_at is not None
+
+    def set_replicas(self, count: int) -> None:
+        """The census: `count` replicas work on the store."""
+        self._replicas_in_store = max(1, count)
+        self._configure()
+
+    async def start(self) -> None:
+        """Ask the shared window once before the first call, so that a Redis that does not answer
+        is said at start (and the share applies) rather than at the first call."""
+        if self._shared is None:
+            return
+        try:
+            await self._shared.ping()
+        except SharedUnavailable as exc:
+            self._lose(str(exc))
+
+    async def aclose(self) -> None:
+        # Pauses still being shared go out first: the other replicas need them (each is bounded
+        # by the shared window's timeout).
+        await asyncio.gather(*self._sharing, return_exceptions=True)
+        if self._shared is not None:
+            await self._shared.close()
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         # Semaphore FIRST: a call takes its rate token only once it can actually start. Taking the
@@ -240,13 +339,14 @@ class Limiter:
                 if remaining > 0:
                     await self._clock.sleep(remaining)
                     continue
-                # One waiter at a time polls the sliding log (it polls on a timer):
-                # N polling waiters cost N times the wake-ups, and the lock makes the order FIFO.
+                # One waiter at a time polls the sliding log (it polls on a timer) or the shared
+                # window: N polling waiters cost N times the wake-ups, and the lock makes the order
+                # FIFO.
                 async with self._turn:
-                    await self._throttler.acquire()
+                    took = await self._take()
                 # A pause may have begun while we waited for the rate token: honour it. The token
                 # stays spent, which only errs on the slow side.
-                if self._controller.pause_remaining() <= 0:
+                if took and self._controller.pause_remaining() <= 0:
                     break
             self._observer.limiter_waited(self._clock.monotonic() - asked)
             self._in_flight += 1
@@ -264,9 +364,117 @@ class Limiter:
         elif status is not None and 200 <= status < 300:
             self._succeeded()
 
+    async def _take(self) -> bool:
+        """Take a start in the rate's window; False when the shared window said that a pause stands
+        in the way (it is then this replica's pause too)."""
+        if self._shared is None:
+            await self._throttler.acquire()
+            return True
+        lost = self._lost_at is not None
+        if lost and self._clock.monotonic() < self._probe_at:
+            await self._throttler.acquire()  # the per-replica share
+            return True
+        if lost or self._clock.monotonic() < self._share_also_until:
+            await self._throttler.wait()  # the share holds until all are back (see _restored)
+        while True:
+            # Asked after a loss, the window is also told of the starts made on the share since
+            # (see _restored).
+            backfill = self._throttler.recent() if self._lost_at is not None else 0
+            try:
+                hit = await self._shared.hit(self._shared_limit, self._shared_window, backfill)
+            except SharedUnavailable as exc:
+                self._lose(str(exc))
+                await self._throttler.acquire()
+                return True
+            if self._lost_at is not None:
+                self._restored()
+            if hit.replicas != self._replicas_sharing:
+                self._replicas_sharing = hit.replicas
+                self._configure()
+            if hit.admitted:
+                # This replica's own starts stay in its log too: should the shared window be lost,
+                # the share counts those of the last window.
+                self._throttler.note()
+                return True
+            if hit.signal is not None:
+                self._paused_elsewhere(hit.paused, hit.signal)
+                return False
+            # A server clock that jumped cannot make a wait longer than the window.
+            await self._clock.sleep(min(max(hit.wait, MIN_WAIT), self._shared_window))
+
+    def _lose(self, error: str) -> None:
+        now = self._clock.monotonic()
+        self._probe_at = now + PROBE_INTERVAL
+        if self._lost_at is not None:
+            return
+        self._lost_at = now
+        # The other replicas' starts in the window that ends now are unknown here: up to the whole
+        # rate. Waiting one window before the first start on the share keeps the loss inside it.
+        self._throttler.fill()
+        log.warning(
+            "limiter.shared_lost",
+            error=error,
+            replicas=self.replicas,
+            rate=round(self._controller.effective_rate / self.replicas, 3),
+            period=self._controller.period,
+            hint=(
+                "the shared limit's Redis does not answer: after one window without a start, each "
+                "replica keeps to RATE / replicas seen on its own, and tries Redis again every "
+                f"{PROBE_INTERVAL:g} s"
+            ),
+        )
+
+    def _restored(self) -> None:
+        """Back on the shared window. The starts this replica made on its share in the last window
+        went into the window with the ask that found it back (stamped now: later than they were,
+        which only errs on the slow side). The other replicas' starts on their share get there
+        when each asks again: within PROBE_INTERVAL, or a window when its share is spent. Until
+        then this one keeps to its share too, so that the window is never the only limit while it
+        misses some of the starts."""
+        now = self._clock.monotonic()
+        log.info("limiter.shared_restored", lost_for=round(now - (self._lost_at or now), 3))
+        self._lost_at = None
+        self._share_also_until = now + PROBE_INTERVAL + self._throttler.period
+
+    def _paused_elsewhere(self, seconds: float, signal: int) -> None:
+        """The shared window is paused by `signal`, seen here. The limit is shared, so another
+        replica's throttle signal is this one's too: it pauses and cuts the rate, once per signal.
+        Signals within one period of the last one counted are the same burst (as in the
+        controller's once-per-period rule, but on the shared store's clock: a replica that slept
+        through a long pause sees the burst's later signals late)."""
+        new = self._counted_signal is None or signal - self._counted_signal >= self._controller.period * 1000
+        if not new:
+            self._controller.extend_pause(seconds)
+            return
+        self._counted_signal = signal
+        self._report(self._controller.on_throttle(seconds), status=None, retry_after=None, origin="replica")
+
     def _throttled(self, status: int, retry_after: float | None) -> None:
         self._throttle_signals += 1
-        outcome = self._controller.on_throttle(retry_after)
+        self._report(self._controller.on_throttle(retry_after), status=status, retry_after=retry_after)
+        if self._shared is not None and self._lost_at is None:
+            task = asyncio.create_task(self._share_pause(self._controller.pause_remaining()))
+            self._sharing.add(task)
+            task.add_done_callback(self._sharing.discard)
+
+    async def _share_pause(self, seconds: float) -> None:
+        assert self._shared is not None
+        try:
+            pause = await self._shared.pause(seconds)
+        except SharedUnavailable as exc:
+            self._lose(str(exc))
+            return
+        # Counted here already (by the caller): the others of its burst are the same signal.
+        self._counted_signal = max(pause.signal, self._counted_signal or pause.signal)
+
+    def _report(
+        self,
+        outcome: ThrottleOutcome,
+        *,
+        status: int | None,
+        retry_after: float | None,
+        origin: str = "here",
+    ) -> None:
         if outcome.paused > 0:
             self._observer.limiter_paused(outcome.paused)
             log.warning(
@@ -274,6 +482,7 @@ class Limiter:
                 seconds=round(self._controller.pause_remaining(), 3),
                 status=status,
                 retry_after=retry_after,
+                origin=origin,
             )
         if outcome.decreased is not None:
             self._apply_rate()
@@ -304,11 +513,57 @@ class Limiter:
 
     def _apply_rate(self) -> None:
         self._observer.rate_changed(self._controller.effective_rate)
-        rate_limit, period = throttler_params(self._controller.effective_rate, self._controller.period)
+        self._configure()
+
+    def _configure(self) -> None:
+        """The windows for the effective rate: the shared one's, and the log's (the whole rate, or
+        with a shared window this replica's share of it, for when that window is lost)."""
+        rate, period = self._controller.effective_rate, self._controller.period
+        self._shared_limit, self._shared_window = window_params(rate, period)
+        share = rate if self._shared is None else rate / self.replicas
+        rate_limit, window = window_params(share, period)
         self._throttler.rate_limit = rate_limit
-        # The log counts starts as this process sees them; AEP counts arrivals, which a busy event
-        # loop or a new connection can delay by some milliseconds. A window slightly wider than the
-        # period keeps those late starts out of the server's next window (measured in bench/).
-        self._throttler.period = period * (1 + WINDOW_MARGIN) + WINDOW_SLACK
+        self._throttler.period = window
         # Poll well inside the spacing between starts, so the achieved rate stays close to the limit.
-        self._throttler.retry_interval = min(0.01, period / rate_limit / 4)
+        self._throttler.retry_interval = min(0.01, window / rate_limit / 4)
+
+
+@asynccontextmanager
+async def open_limiter(
+    settings: Settings,
+    clock: Clock,
+    store: LeaseOwners,
+    owner: str,
+    *,
+    pause_cap: float,
+    observer: Observer = NULL,
+) -> AsyncIterator[Limiter]:
+    """The service's limiter: shared through Redis when ORCH_LIMITS__REDIS_URL is set (keyed by org
+    and sandbox), with the census of replicas (`owner` is this process's lease owner) beside it."""
+    limits = settings.limits
+    shared = None
+    key = limit_key(settings.aep.org_id, settings.aep.sandbox)
+    if limits.redis_url is not None:
+        shared = RedisWindow(limits.redis_url, key, owner, limits.rate)
+    limiter = Limiter(limits, clock, pause_cap=pause_cap, observer=observer, shared=shared)
+    census = ReplicaCensus(
+        store,
+        owner,
+        clock,
+        limiter.set_replicas,
+        shared=shared is not None,
+        rate=limits.rate,
+        period=limits.period,
+    )
+    try:
+        await limiter.start()
+        if shared is not None and not limiter.shared_lost:
+            log.info("limiter.shared", key=key)
+        task = asyncio.create_task(census.run(), name="replica-census")
+        try:
+            yield limiter
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    finally:
+        await limiter.aclose()

@@ -19,6 +19,7 @@ from orchestrator.pipeline.limiter import (
     Limiter,
     RateController,
     throttler_params,
+    window_params,
 )
 from orchestrator.settings import LimitSettings
 
@@ -220,7 +221,12 @@ async def starts_when_the_clock_passes(
 
 def window(rate: float, period: float) -> float:
     """The limiter's sliding window for `rate` calls per `period` (its period stretched by the margin)."""
-    return throttler_params(rate, period)[1] * (1 + WINDOW_MARGIN) + WINDOW_SLACK
+    return window_params(rate, period)[1]
+
+
+def test_the_window_is_the_stretched_period_with_the_margin() -> None:
+    assert window_params(2.5, 1.0) == (2, pytest.approx(0.8 * (1 + WINDOW_MARGIN) + WINDOW_SLACK))
+    assert window_params(33, 1.0) == (33, pytest.approx(1.03))
 
 
 async def test_never_more_starts_than_the_limit_in_any_window(clock: ManualClock) -> None:
