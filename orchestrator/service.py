@@ -325,7 +325,8 @@ async def _watch(
     """Report progress; stop when the store's or the queue's file is lost; with `until_idle`, stop
     once the queue is empty, nothing waits for a call or a retry and no event waits in the outbox, or
     after `credentials_wait` seconds of refused credentials. Idle must hold on two checks in a row: a
-    message can sit between the queue and the store for an instant (received, not yet recorded)."""
+    message can sit between the queue and the store for an instant (received, not yet recorded). A
+    store that does not answer is not idle (`_store_idle`)."""
     idle_checks = 0
     refused = CredentialsWait(credentials_wait)
     while not stop.is_set():
@@ -339,29 +340,41 @@ async def _watch(
         if not until_idle:
             continue
         if refused.exceeded(parts.dispatcher.credentials_problem, _outcomes(parts), clock.monotonic()):
+            try:
+                unfinished: int | None = await parts.store.unfinished()
+            except Exception:  # noqa: BLE001 - the store is unavailable too: the count is unknown
+                unfinished = None
             log.error(
                 "service.credentials_refused",
                 error=parts.dispatcher.credentials_problem,
                 waited=refused.limit,
-                unfinished=await parts.store.unfinished(),
+                unfinished=unfinished,
                 hint="fix the credentials and run again; ORCH_AEP__CREDENTIALS_WAIT sets the wait",
             )
             stop.set()
             return "gave_up"
-        idle = (
-            parts.dispatcher.in_flight == 0
-            and await parts.store.unfinished() == 0
-            and await parts.store.pending_reconciliations() == 0
-            and await parts.queue.is_empty()
-            # Every event published (rows of a run without events on are not waited for).
-            and (parts.relay is None or await parts.store.events_waiting() == 0)
-        )
+        idle = parts.dispatcher.in_flight == 0 and await _store_idle(parts) and await parts.queue.is_empty()
         idle_checks = idle_checks + 1 if idle else 0
         if idle_checks >= 2:
             log.info("service.idle")
             stop.set()
             return "idle"
     return "stopped"
+
+
+async def _store_idle(parts: Components) -> bool:
+    """Nothing waits in the store for a call, a retry, a look-up or the event relay. False when the
+    store does not answer: the loops wait for it (`store.unavailable`), and so does `--until-idle`."""
+    store = parts.store
+    try:
+        return (
+            await store.unfinished() == 0
+            and await store.pending_reconciliations() == 0
+            # Every event published (rows of a run without events on are not waited for).
+            and (parts.relay is None or await store.events_waiting() == 0)
+        )
+    except Exception:  # noqa: BLE001 - unavailable, whatever the driver calls it: not idle
+        return False
 
 
 def _file_lost(files: tuple[OpenedFile, ...]) -> str | None:

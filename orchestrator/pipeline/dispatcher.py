@@ -17,6 +17,7 @@ lost answer made is aborted, so AEP holds exactly one live batch per request.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import datetime, timedelta
 
 import structlog
@@ -31,6 +32,7 @@ from orchestrator.pipeline.reconcile import Reconciler
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
 from orchestrator.pipeline.stats import DispatchStats
 from orchestrator.store.base import BatchStore, Claim, State
+from orchestrator.store.outage import NotRecorded, StoreOutage, describe
 
 log = logs.get("dispatcher")
 
@@ -79,6 +81,7 @@ class Dispatcher:
         self._waiting_for_credentials = False
         self._busy = True  # whether the last claim found work (see `_next_claims`)
         self._reconcile_check_at = clock.now()
+        self._outage = StoreOutage(clock, "dispatcher")
         self.stats = DispatchStats()
         self._reconciler = Reconciler(store, api, policy, clock, self.stats, observer)
 
@@ -98,7 +101,10 @@ class Dispatcher:
         lease renewer runs beside the loop; should it ever end, this raises its error, so the
         service stops rather than run on with leases nobody renews."""
         self._renewer = self._renewer or asyncio.create_task(self._renew_leases(), name="lease-renewer")
-        await self._take_back_leases_of_the_dead()
+        try:
+            await self._take_back_leases_of_the_dead()
+        except Exception as exc:  # noqa: BLE001 - the store is unavailable: those leases run out anyway
+            await self._outage.wait(exc, stop)
         # Refill in chunks: a claim per finished request would cost a store transaction each.
         refill_at = max(1, self._concurrency // 4)
         while not stop.is_set():
@@ -164,7 +170,7 @@ class Dispatcher:
             try:
                 renewed = await self._store.renew(list(held.values()), self._lease_seconds, now)
             except Exception as exc:  # noqa: BLE001 - the renewer must outlive a store error
-                log.error("dispatcher.lease_renewal_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                log.error("dispatcher.lease_renewal_failed", error=describe(exc))
                 self._abandon(held, now + timedelta(seconds=interval))
                 continue
             until = now + timedelta(seconds=self._lease_seconds)
@@ -205,33 +211,51 @@ class Dispatcher:
                 self._renewer = None
 
     async def _next_claims(self, stop: asyncio.Event, limit: int) -> list[Claim]:
-        """Up to `limit` due requests, waiting for some to become due; [] once `stop` is set."""
+        """Up to `limit` due requests, waiting for some to become due; [] once `stop` is set.
+
+        A store error (the database restarting, a dropped connection) does not end the service:
+        the loop waits for the store, trying again with a growing pause (`StoreOutage`). The calls
+        in flight meanwhile go on; their outcomes are written if the store is back by then, and
+        otherwise their leases run out and the requests are looked up before any new create."""
         while not stop.is_set():
             if not await self._credentials_ok():
                 await sleep_until_set(self._clock, min(self._poll_interval * 4, 2.0), stop)
                 continue
             now = self._clock.now()
             self._wake.clear()
-            wait = self._poll_interval
-            if self._busy:
-                # Work was there last time: claim straight away.
-                claims = await self._claim(limit, now)
-                if claims:
-                    return claims
-                self._busy = False
-                due = await self._store.next_due()
-            else:
-                # Idle: a read first, so that waiting costs a cheap query per poll rather than a
-                # write transaction (a claim takes SQLite's write lock, PostgreSQL's row locks).
-                due = await self._store.next_due()
-                if due is not None and due <= now:
-                    self._busy = True
-                    self._reconcile_check_at = now
-                    continue
-            if due is not None and due > now:
-                wait = min(wait, (due - now).total_seconds())
-            await sleep_until_set(self._clock, wait, stop, self._wake)
+            try:
+                claims, wait = await self._poll(limit, now)
+            except Exception as exc:  # noqa: BLE001 - the store is unavailable: wait for it
+                await self._outage.wait(exc, stop)
+                continue
+            self._outage.answered()
+            if claims:
+                return claims
+            if wait > 0:
+                await sleep_until_set(self._clock, wait, stop, self._wake)
         return []
+
+    async def _poll(self, limit: int, now: datetime) -> tuple[list[Claim], float]:
+        """Claims, or how long to wait before the next poll (0: at once)."""
+        if self._busy:
+            # Work was there last time: claim straight away.
+            claims = await self._claim(limit, now)
+            if claims:
+                return claims, 0.0
+            self._busy = False
+            due = await self._store.next_due()
+        else:
+            # Idle: a read first, so that waiting costs a cheap query per poll rather than a
+            # write transaction (a claim takes SQLite's write lock, PostgreSQL's row locks).
+            due = await self._store.next_due()
+            if due is not None and due <= now:
+                self._busy = True
+                self._reconcile_check_at = now
+                return [], 0.0
+        wait = self._poll_interval
+        if due is not None and due > now:
+            wait = min(wait, (due - now).total_seconds())
+        return [], wait
 
     async def _claim(self, limit: int, now: datetime) -> list[Claim]:
         claims = await self._store.claim(self._owner, limit, self._lease_seconds, now)
@@ -293,8 +317,21 @@ class Dispatcher:
                 # Shutdown ran out of grace mid-call: if the create was sent, it may have happened.
                 await asyncio.shield(self._cancelled(claim, creating, settle_until))
                 raise
+            except NotRecorded:
+                pass  # logged; the call's outcome is the store's to learn again (see `_record`)
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
                 await asyncio.shield(self._failed(claim, exc, creating, settle_until))
+
+    async def _record(self, write: Awaitable[bool]) -> bool:
+        """Write an outcome (the store's answer: False when the lease was lost). A store error is
+        not the call's failure, and is not retried here: it is logged and raised as `NotRecorded`.
+        The lease then runs out, the request is taken over (here or by another replica) and looked
+        up before any new create, so a batch this call made is adopted, not made twice."""
+        try:
+            return await write
+        except Exception as error:
+            log.error("dispatcher.outcome_not_recorded", error=describe(error))
+            raise NotRecorded from error
 
     async def _look_up(self, claim: Claim, settle_until: datetime | None) -> bool:
         """Look the request's batch up before creating; True when that settled the attempt (a batch
@@ -314,7 +351,7 @@ class Dispatcher:
             elapsed = (now - (settle_until - self._settle)).total_seconds()
             wait = min(max(1.0, elapsed), (settle_until - now).total_seconds())
             again = now + timedelta(seconds=wait)
-            await self._store.release(claim, now, until=again, settle_until=settle_until)
+            await self._record(self._store.release(claim, now, until=again, settle_until=settle_until))
             log.info("batch.lookup_empty", settling=True, next_lookup_in=round(wait, 3))
             return True
         if record.lookup_only:
@@ -330,19 +367,21 @@ class Dispatcher:
         now = self._clock.now()
         # A request that was ever unsure may have a second batch the catalog did not list yet.
         reconcile_at = now + self._settle if claim.needs_lookup else None
-        kept = await asyncio.shield(
-            self._store.mark_created(
-                claim,
-                batch.id,
-                batch.status,
-                now,
-                adopted=adopted,
-                reconcile_at=reconcile_at,
-                count_attempt=not claim.record.lookup_only,
-            )
-        )
         self._policy.succeeded(claim.attempt)
         self._credentials_worked()
+        kept = await self._record(
+            asyncio.shield(
+                self._store.mark_created(
+                    claim,
+                    batch.id,
+                    batch.status,
+                    now,
+                    adopted=adopted,
+                    reconcile_at=reconcile_at,
+                    count_attempt=not claim.record.lookup_only,
+                )
+            )
+        )
         if not kept:
             log.warning("dispatcher.lease_lost", batch_id=batch.id)
             return
@@ -359,8 +398,10 @@ class Dispatcher:
     ) -> None:
         try:
             await self._record_failure(claim, exc, creating, settle_until)
+        except NotRecorded:
+            pass  # logged
         except Exception as error:  # noqa: BLE001 - the lease then expires and a take-over looks up
-            log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
+            log.error("dispatcher.outcome_not_recorded", error=describe(error))
 
     async def _record_failure(
         self, claim: Claim, exc: Exception, creating: bool, settle_until: datetime | None
@@ -403,7 +444,7 @@ class Dispatcher:
 
     async def _fail(self, claim: Claim, error: str, now: datetime, *, count_attempt: bool = True) -> None:
         # Counted only when written: a lost lease means another dispatcher owns the outcome.
-        if await self._store.mark_failed(claim, error, now, count_attempt=count_attempt):
+        if await self._record(self._store.mark_failed(claim, error, now, count_attempt=count_attempt)):
             self.stats.failed += 1
             self._observer.request_finished("failed")
             log.error("batch.failed", error=error)
@@ -450,7 +491,7 @@ class Dispatcher:
             else:
                 await self._store.release(claim, now, settle_until=settle_until)
         except Exception as error:  # noqa: BLE001 - the lease then expires and a take-over looks up
-            log.error("dispatcher.outcome_not_recorded", error=f"{type(error).__name__}: {error}"[:300])
+            log.error("dispatcher.outcome_not_recorded", error=describe(error))
         log.warning("batch.interrupted", call_sent=creating)
 
 

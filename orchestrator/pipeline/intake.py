@@ -3,14 +3,19 @@
 Record first, ack second: a crash in between redelivers the message, and the store's unique request
 key makes the redelivery a no-op. An invalid message goes to the dead-letter destination with its
 reason and never reaches AEP. When too many requests are unfinished, intake stops reading, so a deep
-backlog stays in the broker rather than in memory or in the store.
+backlog stays in the broker rather than in memory or in the store. When the store does not answer (the
+database restarting, a dropped connection), what was received goes back to the broker unacked, and
+intake waits for the store (`StoreOutage`) before it reads again: nothing is lost, and the service
+goes on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -20,8 +25,11 @@ from orchestrator.messages import InvalidMessage, parse_message
 from orchestrator.observe import NULL, Observer
 from orchestrator.queues.base import Delivery, Queue
 from orchestrator.store.base import AddResult, BatchStore
+from orchestrator.store.outage import NotRecorded, StoreOutage
 
 log = logs.get("intake")
+
+T = TypeVar("T")
 
 _RESULTS = {AddResult.ADDED: "accepted", AddResult.DUPLICATE: "duplicate", AddResult.CONFLICT: "conflict"}
 
@@ -57,10 +65,15 @@ class Intake:
         self._on_added = on_added
         self.stats = IntakeStats()
         self._throttled = False
+        self._outage = StoreOutage(clock, "intake")
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            room = self._max_backlog - await self._store.unfinished()
+            try:
+                room = self._max_backlog - await self._store.unfinished()
+            except Exception as exc:  # noqa: BLE001 - the store is unavailable: wait for it
+                await self._outage.wait(exc, stop)
+                continue
             if room <= 0:
                 self._note_backpressure(True)
                 await sleep_until_set(self._clock, self._poll_timeout, stop)
@@ -74,9 +87,21 @@ class Intake:
                 return
             # Recorded concurrently: the store commits concurrent writes together, one disk sync
             # for the whole batch instead of one per message.
-            await asyncio.gather(*(self.handle(delivery) for delivery in deliveries))
+            outcomes = await asyncio.gather(
+                *(self.handle(delivery) for delivery in deliveries), return_exceptions=True
+            )
+            failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+            for failure in failures:
+                if not isinstance(failure, NotRecorded):
+                    raise failure  # the broker's, or a bug: not the store's to wait out
+            if failures:
+                await self._outage.wait(failures[0].__cause__ or failures[0], stop)
+            else:
+                self._outage.answered()
 
     async def handle(self, delivery: Delivery) -> None:
+        """Record `delivery` in the store, then ack it. When the store fails, the delivery goes
+        back to the broker (redelivered later) and `NotRecorded` is raised."""
         with structlog.contextvars.bound_contextvars(message_id=delivery.message_id):
             try:
                 request = parse_message(delivery.body, delivery.message_id)
@@ -86,7 +111,7 @@ class Intake:
             with structlog.contextvars.bound_contextvars(
                 request_id=request.request_id, dataset_id=request.dataset_id
             ):
-                result = await self._store.add(request, self._clock.now())
+                result = await self._recorded(delivery, self._store.add(request, self._clock.now()))
                 await self._queue.ack(delivery)
                 self._observer.message(_RESULTS[result])
                 if result is AddResult.ADDED:
@@ -105,15 +130,29 @@ class Intake:
                     )
 
     async def _reject(self, delivery: Delivery, reason: str) -> None:
+        # Recorded on every broker, so `batches --state rejected` tells the same story everywhere;
+        # recorded first, so a crash before the dead letter redelivers rather than loses it.
+        await self._recorded(
+            delivery,
+            self._store.reject(
+                f"msg:{delivery.message_id}", _dataset_hint(delivery.body), reason, self._clock.now()
+            ),
+        )
+        # Counted once recorded: a message the store failed to take comes back, and counts then.
         self.stats.rejected += 1
         self._observer.message("rejected")
         log.warning("intake.rejected", reason=reason)
-        # Recorded on every broker, so `batches --state rejected` tells the same story everywhere;
-        # recorded first, so a crash before the dead letter redelivers rather than loses it.
-        await self._store.reject(
-            f"msg:{delivery.message_id}", _dataset_hint(delivery.body), reason, self._clock.now()
-        )
         await self._queue.dead_letter(delivery, reason)
+
+    async def _recorded(self, delivery: Delivery, write: Awaitable[T]) -> T:
+        """`write`'s result; when the store fails, `delivery` is released to the broker and
+        `NotRecorded` raised. (A write that committed although its answer was lost is found again
+        when the delivery comes back: a duplicate, acked then.)"""
+        try:
+            return await write
+        except Exception as exc:
+            await self._queue.release(delivery)
+            raise NotRecorded from exc
 
     def _note_backpressure(self, on: bool) -> None:
         if on != self._throttled:

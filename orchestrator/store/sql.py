@@ -299,10 +299,7 @@ class SqlBatchStore:
         self._reader: AsyncEngine | None = None
         self._postgres = False
         self._insert: Callable[[Table], sqlite.Insert | postgresql.Insert] = sqlite.insert
-        self._queue: list[_Op] = []
-        self._writer: asyncio.Task[None] | None = None
-        # PostgreSQL: the transactions running on their own (see the class's docstring).
-        self._alone: set[asyncio.Task[None]] = set()
+        self._writes = _Writes()
 
     async def open(self) -> None:
         if self._engine is not None:
@@ -325,10 +322,11 @@ class SqlBatchStore:
 
     async def close(self) -> None:
         # Let queued and running writes finish: their callers were promised them.
-        writes = [*self._alone, *([self._writer] if self._writer is not None else [])]
-        if writes:
-            await asyncio.wait(writes)
-        self._writer = None
+        writes = self._writes
+        running = [*writes.alone, *([writes.writer] if writes.writer is not None else [])]
+        if running:
+            await asyncio.wait(running)
+        writes.writer = None
         engine, self._engine, self._reader = self._engine, None, None
         if engine is not None:
             await engine.dispose()
@@ -711,12 +709,13 @@ class SqlBatchStore:
             raise RuntimeError("the store is not open")
         if self._postgres and not op.shared:
             task = asyncio.create_task(self._run_alone(op), name="store.write")
-            self._alone.add(task)
-            task.add_done_callback(self._alone.discard)
+            self._writes.alone.add(task)
+            task.add_done_callback(self._writes.alone.discard)
         else:
-            self._queue.append(op)
-            if self._writer is None or self._writer.done():
-                self._writer = asyncio.create_task(self._drain(), name="store.writer")
+            writes = self._writes
+            writes.queue.append(op)
+            if writes.writer is None or writes.writer.done():
+                writes.writer = asyncio.create_task(self._drain(), name="store.writer")
         # Shielded: a write once asked for happens even if its caller is cancelled meanwhile (a
         # dispatcher shutting down still records the outcome it was recording).
         return await asyncio.shield(op.future)
@@ -734,11 +733,12 @@ class SqlBatchStore:
             op.resolve(result)
 
     async def _drain(self) -> None:
+        queue = self._writes.queue
         batch: list[_Op] = []
         try:
-            while self._queue:
-                batch = [op for op in self._queue[: self.MAX_BATCH] if not op.future.done()]
-                del self._queue[: self.MAX_BATCH]
+            while queue:
+                batch = [op for op in queue[: self.MAX_BATCH] if not op.future.done()]
+                del queue[: self.MAX_BATCH]
                 if not batch:
                     continue
                 try:
@@ -752,9 +752,9 @@ class SqlBatchStore:
         except BaseException:
             # Cancelled (the loop is shutting down): nothing queued will be written, nor the batch
             # under way (its transaction was rolled back). Their callers learn it.
-            for op in [*batch, *self._queue]:
+            for op in [*batch, *queue]:
                 op.future.cancel()
-            self._queue.clear()
+            queue.clear()
             raise
 
     async def _transaction(self, batch: list[_Op]) -> list[Any]:
@@ -1047,6 +1047,19 @@ class SqlBatchStore:
             )
             for at, from_state, to_state, attempt, detail in rows
         ]
+
+
+class _Writes:
+    """The writes under way: the writer's queue and task, and (PostgreSQL) the transactions running
+    on their own. One object, so that everything made from the store's state (a test's wrapper that
+    copies it) shares the one writer: two would commit in no particular order."""
+
+    __slots__ = ("alone", "queue", "writer")
+
+    def __init__(self) -> None:
+        self.queue: list[_Op] = []
+        self.writer: asyncio.Task[None] | None = None
+        self.alone: set[asyncio.Task[None]] = set()
 
 
 class _Op:
