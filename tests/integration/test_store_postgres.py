@@ -16,6 +16,7 @@ from uuid import uuid4
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -153,3 +154,50 @@ async def test_opening_waits_for_the_migration_lock(store_url: str) -> None:
     finally:
         await store.close()
         await locker.dispose()
+
+
+async def test_a_connection_dropped_mid_transaction_fails_that_write_only(make_store: MakeStore) -> None:
+    """Idle pooled connections that died (a database restart) are replaced at checkout, unseen
+    (pre-ping). A connection lost while its transaction waits fails that write, with nothing of it
+    committed, and the store's next write, on a new connection, works."""
+    store, at = await make_store(), unit.T0
+    assert store._engine is not None
+    await store.add(unit.request(), at)
+    [claim] = await store.claim("d", 1, 30, at)
+    admin = create_engine(store._engine.url.render_as_string(hide_password=False))
+
+    async def terminate(*, waiting_for_a_lock: bool) -> int:
+        """Ends the backends of the store's database (not the asking one), or those of them waiting
+        for a lock; returns how many."""
+        async with admin.connect() as connection:
+            found = await connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                    "AND (NOT :waiting OR wait_event_type = 'Lock')"
+                ),
+                {"waiting": waiting_for_a_lock},
+            )
+            return len(found.all())
+
+    try:
+        assert await terminate(waiting_for_a_lock=False) >= 1  # the store's pooled connections, idle
+        assert await store.get("r1") is not None
+        async with admin.begin() as locker:
+            await locker.execute(text("SELECT id FROM batch_request WHERE request_id = 'r1' FOR UPDATE"))
+            write = asyncio.create_task(store.mark_created(claim, "b1", "loading", at))
+
+            async def cut() -> bool:  # the write's UPDATE, once it waits for the row lock
+                return await terminate(waiting_for_a_lock=True) > 0
+
+            await until(cut, "the write to wait for the row lock", timeout=10)
+            with pytest.raises(DBAPIError):
+                await asyncio.wait_for(write, 10)
+    finally:
+        await admin.dispose()
+
+    record = await store.get("r1")
+    assert record is not None
+    assert (record.state, record.batch_id) == (State.PENDING, None)  # nothing of it committed
+    assert await store.mark_created(claim, "b1", "loading", at) is True
+    assert (await store.counts())[State.CREATED] == 1
