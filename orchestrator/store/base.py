@@ -160,10 +160,14 @@ class BatchStore(Protocol):
         """Record an invalid message as `rejected` with its reason (idempotent)."""
 
     async def next_due(self) -> datetime | None:
-        """When the earliest unleased pending or retrying request is due, if any."""
+        """When the earliest unleased pending or retrying request is due, if any (or a lease runs
+        out, on the lease clock: see `claim`)."""
 
     async def claim(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
-        """Lease up to `limit` due requests for one attempt each (attempts += 1)."""
+        """Lease up to `limit` requests due at `now` for one attempt each (attempts += 1), for
+        `lease_seconds`. Leases run on the store's lease clock: the caller's `now` on SQLite, the
+        database's own clock on PostgreSQL, so that replicas whose clocks disagree still agree on
+        which leases have run out."""
 
     async def mark_created(
         self,
@@ -214,8 +218,9 @@ class BatchStore(Protocol):
         given) replaces the request's settle window."""
 
     async def renew(self, claims: Sequence[Claim], lease_seconds: float, now: datetime) -> set[str]:
-        """Extend the leases of claims still held, matched by (request, lease) pairs; returns the
-        request ids whose lease was renewed."""
+        """Extend the leases of claims still held, matched by (request, lease) pairs, to
+        `lease_seconds` from now on the lease clock (see `claim`); returns the request ids whose
+        lease was renewed."""
 
     async def claim_reconciliations(
         self, owner: str, limit: int, lease_seconds: float, now: datetime
@@ -238,8 +243,8 @@ class BatchStore(Protocol):
         """The owners holding leases now (to find those of dead processes)."""
 
     async def expire_leases(self, owners: Sequence[str], now: datetime) -> int:
-        """End the leases `owners` hold at `now`, as if they had run out: their requests are taken
-        over at once (looked up first). Returns how many were ended."""
+        """End the leases `owners` hold now (on the lease clock, see `claim`), as if they had run
+        out: their requests are taken over at once (looked up first). Returns how many were ended."""
 
     async def pending_reconciliations(self) -> int:
         """How many created requests still wait for their reconciliation (`--until-idle`)."""
