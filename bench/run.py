@@ -320,6 +320,9 @@ def run_orchestrator(scenario: Scenario, workdir: Path, sim: SimulatorProcess) -
         "ORCH_STORE__URL": f"sqlite:///{workdir / 'orchestrator.db'}",
         "ORCH_HTTP__PORT": "0",
         "ORCH_LOG__LEVEL": "warning",
+        # The simulator's catalog lists a batch at once (no --catalog-lag here): a 2 s settle window
+        # is ample, where the 30 s default would measure the window rather than the service.
+        "ORCH_AEP__CATALOG_SETTLE": "2",
     }
     orchestrator = _bin("orchestrator")
     enqueue = subprocess.run(  # noqa: S603
