@@ -104,6 +104,7 @@ async def _demo(base: Settings, count: int) -> int:
             latency_jitter=0.02,
             error_rate=0.03,
             drop_after_rate=0.01,
+            catalog_lag=0.5,  # the catalog lists a new batch half a second late, as AEP's does (later)
             seed=7,
         )
         simulator = Simulator(sim_config)
@@ -149,6 +150,9 @@ def _demo_settings(base: Settings, url: str, sim: SimulatorConfig) -> Settings:
             "org_id": sim.org_id,
             "access_token": None,
             "timeout": 5.0,
+            # Above the simulator's lag, far below the 30 s default meant for AEP's: after a lost
+            # answer, no second create for 2 s, then reconciliation 2 s after the batch is recorded.
+            "catalog_settle": 2.0,
         }
     )
     queue = base.queue.model_copy(update={"url": f"sqlite:///{DEMO_DIR}/queue.db"})
