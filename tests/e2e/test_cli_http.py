@@ -6,21 +6,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
+from tests.conftest import free_port
 from tests.e2e.cli import cli_env, run, start
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def get(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:

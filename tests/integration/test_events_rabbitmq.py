@@ -12,13 +12,11 @@ import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from uuid import uuid4
 
 import aio_pika
 import pytest
 
 from orchestrator.aep.simulator import Simulator
-from tests.conftest import require_service
 from tests.e2e.test_cli_events import (
     assert_an_event_per_request,
     events_env,
@@ -29,18 +27,6 @@ from tests.e2e.test_cli_events import (
 pytestmark = pytest.mark.integration
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-
-
-@pytest.fixture
-async def events_queue() -> AsyncIterator[str]:
-    """A queue name for this test alone; the queue (declared by the service) is deleted afterwards."""
-    require_service("RabbitMQ", "127.0.0.1", 5672)
-    name = f"test.batch-events.{uuid4().hex[:12]}"
-    yield name
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.queue_delete(name)
 
 
 @pytest.fixture
@@ -63,15 +49,15 @@ async def consume_all(name: str) -> list[tuple[dict[str, Any], str | None]]:
 
 
 async def test_an_event_for_every_created_and_failed_request_across_a_kill_9(
-    tmp_path: Path, slow_simulator: Simulator, events_queue: str
+    tmp_path: Path, slow_simulator: Simulator, rabbit_queue: str
 ) -> None:
-    env = events_env(tmp_path, slow_simulator, AMQP_URL, events_queue)
+    env = events_env(tmp_path, slow_simulator, AMQP_URL, rabbit_queue)
 
     records = await run_killed_and_restarted(env, slow_simulator, tmp_path)
 
     # At least once: a repeat (published, then killed before its outbox row went) is the same event.
     by_event: dict[str, dict[str, Any]] = {}
-    for body, message_id in await consume_all(events_queue):
+    for body, message_id in await consume_all(rabbit_queue):
         assert message_id == body["eventId"]
         assert by_event.setdefault(body["eventId"], body) == body
     assert_an_event_per_request(records, list(by_event.values()), slow_simulator)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
-import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 import yaml
 
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import free_port, require_command
 from tests.e2e.cli import cli_env, run, start
 
 pytestmark = pytest.mark.integration
@@ -34,27 +32,11 @@ WAITING = 5
 WAIT = 30.0
 
 
-def prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        message = "prometheus is not installed (Debian: apt-get install prometheus)"
-        if REQUIRE_SERVICES:
-            pytest.fail(message + " and ORCH_TEST_REQUIRE_SERVICES=1")
-        pytest.skip(message)
-    return binary
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture
 async def service(tmp_path: Path) -> AsyncIterator[int]:
     """`orchestrator run` with WAITING requests and a client secret IMS refuses; its HTTP port. It
     must stop on SIGTERM with exit 0 when the test is done."""
-    prometheus_binary()  # before starting anything
+    require_command("prometheus", "prometheus")  # before starting anything
     workdir = tmp_path / "service"
     workdir.mkdir()
     port = free_port()
@@ -76,7 +58,7 @@ async def service(tmp_path: Path) -> AsyncIterator[int]:
 @pytest.fixture
 async def prometheus(service: int, tmp_path: Path) -> AsyncIterator[str]:
     """Prometheus scraping the service every second with the alert rules loaded; its base URL."""
-    binary = prometheus_binary()
+    binary = require_command("prometheus", "prometheus")
     target_port = service
     config = tmp_path / "prometheus.yml"
     config.write_text(

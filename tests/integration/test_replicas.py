@@ -17,13 +17,11 @@ import aiohttp
 import pytest
 
 from orchestrator.messages import external_id_for
-from tests.conftest import require_service
+from tests.conftest import AMQP_URL, free_port, require_service
 from tests.e2e.cli import Process, cli_env, run, start
-from tests.e2e.test_cli_http import free_port
 
 COUNT = 450
 RATE = 30
-AMQP = "amqp://guest:guest@127.0.0.1:5672/"
 REDIS = "redis://127.0.0.1:6379/0"
 
 
@@ -44,20 +42,6 @@ async def database() -> AsyncIterator[str]:
             await admin.execute(statement)
         finally:
             await admin.close()
-
-
-@pytest.fixture
-async def queue_name() -> AsyncIterator[str]:
-    require_service("RabbitMQ", "127.0.0.1", 5672)
-    import aio_pika
-
-    name = f"test.replicas.{uuid4().hex[:10]}"
-    yield name
-    connection = await aio_pika.connect(AMQP)
-    async with connection:
-        channel = await connection.channel()
-        for queue in (name, f"{name}.dead"):
-            await channel.queue_delete(queue)
 
 
 @pytest.fixture
@@ -106,7 +90,7 @@ async def start_simulator(org: str, cwd: Path) -> tuple[Process, str]:
 
 @pytest.mark.timeout(240)
 async def test_three_replicas_share_the_limit_and_survive_a_kill(
-    tmp_path: Path, database: str, queue_name: str, org: str
+    tmp_path: Path, database: str, rabbit_queue: str, org: str
 ) -> None:
     simulator, url = await start_simulator(org, tmp_path)
     replicas: list[Process] = []
@@ -114,8 +98,8 @@ async def test_three_replicas_share_the_limit_and_survive_a_kill(
         env = cli_env(
             tmp_path,
             url,
-            QUEUE__URL=AMQP,
-            QUEUE__NAME=queue_name,
+            QUEUE__URL=AMQP_URL,
+            QUEUE__NAME=rabbit_queue,
             STORE__URL=database,
             LIMITS__RATE=str(RATE),
             # The killed replica's claimed requests are each looked up again by the others, within the

@@ -99,6 +99,11 @@ class Running:
         assert record is not None
         return record
 
+    async def asleep(self) -> None:
+        """Wait until the claim loop and the lease renewer both sleep on the (manual) clock, so that
+        moving it next wakes them: a sleep begun after a move would wait for the one after."""
+        await until(lambda: self.clock.sleepers >= 2)
+
     async def quiet(self) -> None:
         """Wait until the dispatcher has nothing in flight and sleeps on the (manual) clock, as does
         its lease renewer: whatever the last clock move made due has been done."""

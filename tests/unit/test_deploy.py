@@ -27,7 +27,7 @@ from orchestrator.aep.simulator_config import SimulatorConfig
 from orchestrator.http import Probes, make_app
 from orchestrator.metrics import NAMES, Metrics
 from orchestrator.settings import NOT_SETTINGS, NOT_SETTINGS_PREFIXES, Settings, load_settings
-from tests.conftest import REQUIRE_SERVICES
+from tests.conftest import require_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -636,13 +636,7 @@ def test_the_metric_checks_catch_mistakes() -> None:
 
 @pytest.fixture
 def promtool() -> str:
-    tool = shutil.which("promtool")
-    if tool is None:
-        message = "promtool is not installed (Debian: apt-get install prometheus)"
-        if REQUIRE_SERVICES:
-            pytest.fail(message + " and ORCH_TEST_REQUIRE_SERVICES=1")
-        pytest.skip(message)
-    return tool
+    return require_command("promtool", "prometheus")
 
 
 def run_promtool(promtool: str, *args: str) -> None:

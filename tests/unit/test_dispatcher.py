@@ -278,6 +278,7 @@ async def test_no_token_claims_nothing_and_recovers(store: SqlBatchStore, clock:
     async with Running(store, api, clock) as run:
         await until(lambda: run.dispatcher.credentials_problem is not None)
         assert "IMS refused" in (run.dispatcher.credentials_problem or "")
+        await run.asleep()
         clock.advance(10)
         await until(lambda: api.token_checks >= 2)
         record = await store.get("r1")
@@ -285,6 +286,7 @@ async def test_no_token_claims_nothing_and_recovers(store: SqlBatchStore, clock:
         assert (record.state, record.attempts) == (State.PENDING, 0)
         assert api.calls == []
         api.token_error = None
+        await run.asleep()
         clock.advance(10)
         record = await run.outcome()
         assert run.dispatcher.credentials_problem is None
@@ -312,10 +314,12 @@ async def test_auth_error_mid_call_releases_and_fails_nothing(
         assert [c.to_state for c in await store.history("r1")] == [State.PENDING]
         assert run.dispatcher.stats.failed == 0
         calls = len(api.calls)
+        await run.asleep()
         clock.advance(10)
         await until(lambda: api.token_checks >= 3)
         assert len(api.calls) == calls  # waits while there is no token
         api.token_error = None  # IMS is back
+        await run.asleep()
         clock.advance(10)
         record = await run.outcome()
     assert (record.state, record.attempts) == (State.CREATED, 1)
@@ -482,6 +486,7 @@ async def test_a_call_whose_lease_was_taken_over_is_abandoned_before_it_creates(
         assert other.taken_over
         assert other.needs_lookup
         assert await store.mark_created(other, "b-other", "loading", later)
+        await run.asleep()
         clock.advance(21)  # the renewer's beat (a third of the lease)
         await until(lambda: run.dispatcher.in_flight == 0)
     assert sent == []
@@ -512,6 +517,7 @@ async def test_a_call_waiting_past_its_lease_keeps_it(store: SqlBatchStore, cloc
 
     async def slow_create() -> Batch:
         for beat in range(1, 7):  # 6 x 25 s = 150 s, well past the 60 s lease
+            await until(lambda: clock.sleepers >= 2)  # the claim loop and the renewer
             clock.advance(25)  # past one renewer beat (every 20 s) each time
             await until(lambda beat=beat: counting.renewals >= beat)  # type: ignore[misc]
             stolen.extend(await store.claim("other", 1, 60, clock.now()))
@@ -539,9 +545,11 @@ async def test_the_renewer_outlives_store_errors(store: SqlBatchStore, clock: Ma
     await add(store, clock, "r1")
     async with Running(counting, api, clock, lease=60) as run:
         await until(lambda: run.dispatcher.in_flight == 1)
+        await run.asleep()
         clock.advance(20.001)  # beat 1: the store fails; the lease (60 s) outlasts the next beat
         await until(lambda: counting.renewals == 1)
         assert run.dispatcher.in_flight == 1
+        await run.asleep()
         clock.advance(20)  # beat 2: renewed
         await until(lambda: counting.renewals == 2)
         assert await store.claim("other", 1, 60, clock.now() + timedelta(seconds=30)) == []
@@ -564,9 +572,11 @@ async def test_a_lease_the_store_will_not_renew_in_time_is_abandoned_as_ambiguou
     await add(store, clock, "r1")
     async with Running(counting, api, clock, lease=60) as run:
         await asyncio.wait_for(hang.started.wait(), 5)
+        await run.asleep()
         clock.advance(20.001)
         await until(lambda: counting.renewals == 1)
         assert hang.cancelled == 0  # 40 s of lease left: the next beat may still renew it
+        await run.asleep()
         clock.advance(20)
         await until(lambda: hang.cancelled == 1)
         await until(lambda: run.dispatcher.in_flight == 0)
