@@ -1,4 +1,4 @@
-"""What a new user met when trying the command (issue 6), tried again the same way: a separate process,
+"""What a new user met when trying the command, tried again the same way: a separate process,
 settings in its environment."""
 
 from __future__ import annotations
