@@ -304,26 +304,39 @@ def _timeout(scenario: Scenario) -> float:
     return 60.0 + 4.0 * scenario.count / scenario.rate
 
 
+def service_env(sim: SimulatorProcess, workdir: Path, **settings: str) -> dict[str, str]:
+    """The environment of an orchestrator run against `sim`, its queue in `workdir`; `settings` are
+    more ORCH_ variables (names without the prefix)."""
+    return (
+        _clean_env()
+        | {
+            "ORCH_AEP__BASE_URL": sim.url,
+            "ORCH_AEP__IMS_URL": sim.url,
+            "ORCH_AEP__CLIENT_ID": CLIENT_ID,
+            "ORCH_AEP__CLIENT_SECRET": CLIENT_SECRET,
+            "ORCH_AEP__ORG_ID": ORG_ID,
+            "ORCH_QUEUE__URL": f"sqlite:///{workdir / 'queue.db'}",
+            "ORCH_HTTP__PORT": "0",
+            "ORCH_LOG__LEVEL": "warning",
+        }
+        | {f"ORCH_{name}": value for name, value in settings.items()}
+    )
+
+
 def run_orchestrator(scenario: Scenario, workdir: Path, sim: SimulatorProcess) -> Outcome:
     ids = workdir / "ids.txt"
     ids.write_text("\n".join(_dataset_ids(scenario)) + "\n", encoding="utf-8")
-    env = _clean_env() | {
-        "ORCH_AEP__BASE_URL": sim.url,
-        "ORCH_AEP__IMS_URL": sim.url,
-        "ORCH_AEP__CLIENT_ID": CLIENT_ID,
-        "ORCH_AEP__CLIENT_SECRET": CLIENT_SECRET,
-        "ORCH_AEP__ORG_ID": ORG_ID,
-        "ORCH_LIMITS__RATE": str(scenario.rate),
-        "ORCH_LIMITS__PERIOD": "1",
-        "ORCH_LIMITS__CONCURRENCY": str(CONCURRENCY),
-        "ORCH_QUEUE__URL": f"sqlite:///{workdir / 'queue.db'}",
-        "ORCH_STORE__URL": f"sqlite:///{workdir / 'orchestrator.db'}",
-        "ORCH_HTTP__PORT": "0",
-        "ORCH_LOG__LEVEL": "warning",
+    env = service_env(
+        sim,
+        workdir,
+        LIMITS__RATE=str(scenario.rate),
+        LIMITS__PERIOD="1",
+        LIMITS__CONCURRENCY=str(CONCURRENCY),
+        STORE__URL=f"sqlite:///{workdir / 'orchestrator.db'}",
         # The simulator's catalog lists a batch at once (no --catalog-lag here): a 2 s settle window
         # is ample, where the 30 s default would measure the window rather than the service.
-        "ORCH_AEP__CATALOG_SETTLE": "2",
-    }
+        AEP__CATALOG_SETTLE="2",
+    )
     orchestrator = _bin("orchestrator")
     enqueue = subprocess.run(  # noqa: S603
         [orchestrator, "enqueue", "--file", str(ids)], cwd=workdir, env=env, capture_output=True, timeout=120

@@ -21,15 +21,12 @@ from uuid import uuid4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import (
-    CLIENT_ID,
-    CLIENT_SECRET,
-    ORG_ID,
+from run import (  # run.py is a script beside this one, not a package
     BenchError,
     SimulatorProcess,
     _bin,
-    _clean_env,
     _tail,
+    service_env,
 )
 
 LATENCY = "0.2"
@@ -72,18 +69,7 @@ def run_replicas(replicas: int, count: int, workdir: Path, store_url: str, store
     sim = SimulatorProcess(workdir, 100_000, ("--latency", LATENCY, "--latency-jitter", "0"))
     try:
         sim.wait_ready()
-        env = _clean_env() | {
-            "ORCH_AEP__BASE_URL": sim.url,
-            "ORCH_AEP__IMS_URL": sim.url,
-            "ORCH_AEP__CLIENT_ID": CLIENT_ID,
-            "ORCH_AEP__CLIENT_SECRET": CLIENT_SECRET,
-            "ORCH_AEP__ORG_ID": ORG_ID,
-            "ORCH_QUEUE__URL": f"sqlite:///{workdir}/queue.db",
-            "ORCH_STORE__URL": store_url,
-            "ORCH_LIMITS__RATE": "100000",
-            "ORCH_HTTP__PORT": "0",
-            "ORCH_LOG__LEVEL": "warning",
-        }
+        env = service_env(sim, workdir, STORE__URL=store_url, LIMITS__RATE="100000")
         ids = "\n".join(f"scale-{replicas}-{index:06d}" for index in range(count)) + "\n"
         subprocess.run(  # noqa: S603
             [_bin("orchestrator"), "enqueue", "--file", "-"],

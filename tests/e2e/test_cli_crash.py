@@ -44,17 +44,19 @@ def _assert_one_batch_per_dataset(sim: Simulator) -> None:
     assert max(per_dataset.values()) == 1, [ds for ds, n in per_dataset.items() if n > 1]
 
 
+# Quick timeouts, retries and settle window, so a run killed mid-call is finished soon after.
+KILL_SETTINGS = {
+    "LIMITS__RATE": "40",
+    "LIMITS__CONCURRENCY": "8",
+    "AEP__TIMEOUT": "1",
+    "RETRY__MAX_DELAY": "1",
+    "RETRY__BASE_DELAY": "0.05",
+    "AEP__CATALOG_SETTLE": "1",
+}
+
+
 async def test_kill_9_mid_run_then_restart(tmp_path: Path, slow_simulator: Simulator) -> None:
-    env = cli_env(
-        tmp_path,
-        slow_simulator.url,
-        LIMITS__RATE="40",
-        LIMITS__CONCURRENCY="8",
-        AEP__TIMEOUT="1",
-        RETRY__MAX_DELAY="1",
-        RETRY__BASE_DELAY="0.05",
-        AEP__CATALOG_SETTLE="1",
-    )
+    env = cli_env(tmp_path, slow_simulator.url, **KILL_SETTINGS)
     await _enqueue(env, tmp_path)
     service = await start(["run"], env, tmp_path)
     await _wait_for_batches(slow_simulator, 10)

@@ -20,7 +20,7 @@ import pytest
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
 from orchestrator.queues.sqlite import SqliteQueue
 from tests.e2e.cli import cli_env, events, run, start
-from tests.e2e.test_cli_crash import COUNT, _enqueue, _wait_for_batches
+from tests.e2e.test_cli_crash import COUNT, KILL_SETTINGS, _enqueue, _wait_for_batches
 
 EVENTS = "test.batch-events"
 # Every tenth dataset is unknown to AEP: its request fails at once (400).
@@ -44,12 +44,7 @@ def events_env(tmp_path: Path, sim: Simulator, events_url: str, events_name: str
     return cli_env(
         tmp_path,
         sim.url,
-        LIMITS__RATE="40",
-        LIMITS__CONCURRENCY="8",
-        AEP__TIMEOUT="1",
-        RETRY__MAX_DELAY="1",
-        RETRY__BASE_DELAY="0.05",
-        AEP__CATALOG_SETTLE="1",
+        **KILL_SETTINGS,
         EVENTS__URL=events_url,
         EVENTS__NAME=events_name,
     )
