@@ -402,6 +402,18 @@ async def test_the_service_reconnects_after_the_broker_restarts(
 
 
 async def _services_up() -> None:
+    if not SERVICES_UP.is_file():
+        # A clone with no shared/ beside it: `start_app` above brought the broker back; wait for it.
+        async with asyncio.timeout(60):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", 5672)
+                except OSError:
+                    await asyncio.sleep(0.5)
+                    continue
+                writer.close()
+                await writer.wait_closed()
+                return
     proc = await asyncio.create_subprocess_exec(str(SERVICES_UP), "rabbitmq")
     assert await proc.wait() == 0
 
