@@ -23,6 +23,12 @@ DATASET_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 # Request ids are the producer's idempotency keys: any printable text without control characters.
 REQUEST_ID = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 MAX_TAGS = 64
+# Files per message: a message is at most 64 KiB anyway; AEP's guardrail is 25,000 files per batch.
+MAX_FILES = 1000
+# A file's name in AEP goes into the upload URL's path, which AEP caps at 2000 characters.
+MAX_FILE_NAME = 1024
+# `scheme://…`: a URL fsspec opens; anything else is a path relative to ORCH_UPLOAD__ROOT.
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://(.*)", re.DOTALL)
 # Only a `\uXXXX` escape can put a surrogate in decoded JSON (the body itself is valid UTF-8).
 _LONE_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]", re.ASCII)
 # JSON's literal names look like dataset ids, but a body that is one of them is a serialised JSON value.
@@ -34,14 +40,36 @@ class InvalidMessage(ValueError):
 
 
 @dataclass(frozen=True)
+class FileRef:
+    """A file a request names: `source` as the message gave it (a path relative to
+    ORCH_UPLOAD__ROOT, or a URL), `name` its path inside the batch in AEP. The name keeps the relative
+    path, so partition folders (`part=a/`) survive; for a URL it is the path below its host or bucket
+    (`s3://bucket/exports/part=a/x.json` is `exports/part=a/x.json`)."""
+
+    source: str
+    name: str
+
+    @property
+    def url(self) -> bool:
+        return _URL.fullmatch(self.source) is not None
+
+    @property
+    def protocol(self) -> str | None:
+        match = _URL.fullmatch(self.source)
+        return match.group(1).lower() if match else None
+
+
+@dataclass(frozen=True)
 class BatchRequest:
-    """One validated request: everything the dispatcher needs to create its batch."""
+    """One validated request: everything the dispatcher needs to create its batch, and the files
+    the upload stage puts into it (none: the batch is left to the upload steps)."""
 
     request_id: str
     dataset_id: str
     input_format: InputFormat | None = None
     multiline_json: bool | None = None
     tags: dict[str, list[str]] = field(default_factory=dict)
+    files: tuple[FileRef, ...] = ()
 
     @property
     def external_id(self) -> str:
@@ -50,9 +78,11 @@ class BatchRequest:
     @property
     def fingerprint(self) -> str:
         """Tells two messages that share a requestId but ask for different batches apart."""
-        canonical = json.dumps(
-            [self.dataset_id, self.input_format, self.multiline_json, self.tags], sort_keys=True
-        )
+        fields: list[Any] = [self.dataset_id, self.input_format, self.multiline_json, self.tags]
+        if self.files:
+            # Only when there are files: requests recorded before files existed keep their fingerprint.
+            fields.append([ref.source for ref in self.files])
+        canonical = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -122,6 +152,7 @@ def request_from_json(data: dict[str, Any], message_id: str) -> BatchRequest:
         input_format=input_format,
         multiline_json=multiline,
         tags=_tags(data.get("tags")),
+        files=_files(data.get("files")),
     )
 
 
@@ -167,6 +198,54 @@ def _tags(value: Any) -> dict[str, list[str]]:
             raise InvalidMessage(f"tags.{_printable(key[:40])} must be a list of strings")
         tags[key] = list(items)
     return tags
+
+
+def _files(value: Any) -> tuple[FileRef, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise InvalidMessage(f"files must be a list of paths or URLs, got {_type(value)}")
+    if not value:
+        raise InvalidMessage("files is empty: leave it out, or name at least one file")
+    if len(value) > MAX_FILES:
+        raise InvalidMessage(f"files has {len(value)} entries, over the limit of {MAX_FILES}")
+    refs: list[FileRef] = []
+    names: set[str] = set()
+    for index, entry in enumerate(value):
+        ref = file_ref(entry, f"files[{index}]")
+        if ref.name in names:
+            raise InvalidMessage(f"files[{index}]: the name {_printable(ref.name[:80])!r} is given twice")
+        names.add(ref.name)
+        refs.append(ref)
+    return tuple(refs)
+
+
+def file_ref(entry: Any, where: str = "file") -> FileRef:
+    """A file entry checked for its form alone (where it lies is checked against ORCH_UPLOAD__ROOT
+    by the upload stage's sources): a relative path with no `..`, or a URL with a path."""
+    if not isinstance(entry, str):
+        raise InvalidMessage(f"{where} must be a string, got {_type(entry)}")
+    if not entry or not entry.isprintable() or "\\" in entry:
+        raise InvalidMessage(f"{where} must be a non-empty path without control characters or backslashes")
+    match = _URL.fullmatch(entry)
+    if match is None:
+        if entry.startswith("/"):
+            raise InvalidMessage(f"{where}: absolute paths are refused; give one relative to the upload root")
+        path = entry
+    else:
+        rest = match.group(2)
+        if "?" in rest or "#" in rest:
+            raise InvalidMessage(f"{where}: a URL with a query or fragment is refused")
+        # Below the host or bucket: `s3://bucket/a/b` is `a/b`; `file:///srv/a/b` is `srv/a/b`.
+        path = rest.partition("/")[2]
+        if not path:
+            raise InvalidMessage(f"{where}: the URL names no file")
+    segments = path.split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise InvalidMessage(f"{where}: empty, '.' and '..' path segments are refused")
+    if len(path) > MAX_FILE_NAME:
+        raise InvalidMessage(f"{where}: the name is over {MAX_FILE_NAME} characters")
+    return FileRef(source=entry, name=path)
 
 
 def _is_text(data: Any) -> bool:

@@ -6,7 +6,7 @@ every broker. The CLI (`cli.py`) opens the store and prints.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -22,6 +22,8 @@ RATE_WINDOW = timedelta(minutes=1)
 LAST_ERRORS = 5
 ERROR_CHARS = 300  # of each error on the screen; `--json` has all of it
 SINCE_EXAMPLE = "2026-11-28T15:00:00Z"
+# The upload stage's steps in the order a request goes through them.
+STEPS = ("upload", "complete", "track", "done")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ class Status:
     retries: int  # retries scheduled within RATE_WINDOW
     failed: int  # requests that reached `failed` within RATE_WINDOW
     errors: list[BatchRecord]  # the latest failed or retrying requests with an error
+    # Requests in each step of the upload stage (upload, complete, track, done); empty without any.
+    steps: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -62,6 +66,7 @@ class Status:
             "lastMinute": {"created": self.created, "retries": self.retries, "failed": self.failed},
             "ratePerSecond": round(self.rate, 3),
             "lastErrors": [record.to_json() for record in self.errors],
+            "steps": self.steps,
         }
 
 
@@ -82,6 +87,7 @@ async def read_status(store: BatchStore, now: datetime, *, errors: int = LAST_ER
         retries=retries,
         failed=failed,
         errors=await store.last_errors(errors),
+        steps=await store.step_counts(),
     )
 
 
@@ -94,8 +100,17 @@ def status_summary(status: Status) -> RenderableType:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
-    counts = " · ".join(f"{count:,} {state.value}" for state, count in status.counts.items())
+    # The upload stage's states only when some request is in one: most deployments have none.
+    shown = [
+        (state, count)
+        for state, count in status.counts.items()
+        if count or state not in (State.UPLOADING, State.PROCESSING, State.SUCCEEDED)
+    ]
+    counts = " · ".join(f"{count:,} {state.value}" for state, count in shown)
     grid.add_row("requests", Text(f"{status.total:,}: {counts}"))
+    if status.steps:
+        steps = " · ".join(f"{status.steps.get(step, 0):,} {step}" for step in STEPS)
+        grid.add_row("upload stage", Text(steps))
     oldest = status.oldest
     if oldest is None:
         grid.add_row("oldest", Text("nothing pending or retrying"))

@@ -19,6 +19,7 @@ from orchestrator.aep.auth import token_provider
 from orchestrator.aep.client import AepClient
 from orchestrator.clock import Clock, SystemClock, sleep_until_set
 from orchestrator.events import FLUSH_GRACE, EventRelay
+from orchestrator.files import FileSources
 from orchestrator.metrics import Metrics
 from orchestrator.monitoring import Monitor, start_http
 from orchestrator.observe import NULL, Observer
@@ -27,9 +28,10 @@ from orchestrator.pipeline.dispatcher import Dispatcher
 from orchestrator.pipeline.intake import Intake
 from orchestrator.pipeline.limiter import Limiter, open_limiter
 from orchestrator.pipeline.retry import RetryBudget, RetryPolicy
+from orchestrator.pipeline.stage import UploadStage
 from orchestrator.queues import open_publisher, open_queue
 from orchestrator.queues.base import Queue
-from orchestrator.settings import Settings
+from orchestrator.settings import Settings, TrackSettings
 from orchestrator.store.base import BatchStore
 from orchestrator.store.engine import async_url
 from orchestrator.store.sql import SqlBatchStore
@@ -59,6 +61,7 @@ class Components:
     client: AepClient
     intake: Intake
     dispatcher: Dispatcher
+    stage: UploadStage
     # The SQLite files behind the store and the queue, watched while the service runs.
     files: tuple[OpenedFile, ...] = ()
     # Publishes the batch events of the store's outbox (only with ORCH_EVENTS__URL set).
@@ -137,7 +140,13 @@ async def open_components(
     settings: Settings, clock: Clock, observer: Observer = NULL
 ) -> AsyncIterator[Components]:
     events = settings.events
-    store: BatchStore = SqlBatchStore(settings.store.url, events=events.url is not None)
+    track = settings.track
+    store = SqlBatchStore(
+        settings.store.url,
+        events=events.url is not None,
+        track_without_files=track.without_files or track.abort_loading_after is not None,
+        first_look=_first_look(track),
+    )
     queue = open_queue(settings.queue.url, settings.queue.name)
     relay = None
     if events.url is not None:
@@ -166,6 +175,7 @@ async def open_components(
                 tokens = token_provider(settings.aep, session, clock, observer)
                 client = AepClient(settings.aep, session, tokens, gate=limiter, observer=observer)
                 wake = asyncio.Event()
+                sources = FileSources(settings.upload.root, settings.upload.protocols)
                 yield Components(
                     store=store,
                     queue=queue,
@@ -180,6 +190,7 @@ async def open_components(
                         max_backlog=settings.limits.max_backlog,
                         on_added=wake,
                         observer=observer,
+                        sources=sources,
                     ),
                     dispatcher=Dispatcher(
                         store,
@@ -192,6 +203,18 @@ async def open_components(
                         default_format=settings.aep.input_format,
                         catalog_settle=settings.aep.catalog_settle,
                         wake=wake,
+                        observer=observer,
+                    ),
+                    stage=UploadStage(
+                        store,
+                        client,
+                        sources,
+                        policy,
+                        clock,
+                        owner=owner,
+                        lease_seconds=LEASE_SECONDS,
+                        upload=settings.upload,
+                        track=track,
                         observer=observer,
                     ),
                     relay=relay,
@@ -236,11 +259,12 @@ async def run(
             )
             intake_task = asyncio.create_task(parts.intake.run(stop), name="intake")
             dispatch_task = asyncio.create_task(parts.dispatcher.run(stop), name="dispatcher")
+            stage_task = asyncio.create_task(parts.stage.run(stop), name="stage")
             watcher = asyncio.create_task(
                 _watch(parts, stop, clock, until_idle, on_progress, settings.aep.credentials_wait),
                 name="watch",
             )
-            tasks: tuple[asyncio.Task[Any], ...] = (intake_task, dispatch_task, watcher)
+            tasks: tuple[asyncio.Task[Any], ...] = (intake_task, dispatch_task, stage_task, watcher)
             for task in tasks:
                 monitor.watch(task.get_name(), task)
             monitoring = asyncio.create_task(monitor.run(stop), name="monitoring")
@@ -254,10 +278,11 @@ async def run(
                 tasks += (relay_task,)
             stop.set()
             monitor.stopping()
-            await asyncio.gather(intake_task, dispatch_task, watcher, return_exceptions=True)
+            await asyncio.gather(intake_task, dispatch_task, stage_task, watcher, return_exceptions=True)
             ending = "stopped" if watcher.exception() is not None else watcher.result()
             # With the store's file gone, nothing a call in flight records survives: stop them all.
-            await parts.dispatcher.drain(0.0 if ending == "store_lost" else settings.shutdown.grace)
+            grace = 0.0 if ending == "store_lost" else settings.shutdown.grace
+            await asyncio.gather(parts.dispatcher.drain(grace), parts.stage.drain(grace))
             if parts.relay is not None:
                 await parts.relay.stop(0.0 if ending == "store_lost" else FLUSH_GRACE)
             await asyncio.gather(monitoring, return_exceptions=True)
@@ -267,14 +292,20 @@ async def run(
             if failure is not None:
                 log.error("service.crashed", exc_info=failure)
                 return 1
-            stats = parts.dispatcher.stats
-            code = exit_code(ending, stats.failed)
+            stats, stage = parts.dispatcher.stats, parts.stage.stats
+            code = exit_code(ending, stats.failed + stage.failed)
+            files, sent = parts.stage.transferred
             log.info(
                 "service.stopped",
                 created=stats.created,
                 adopted=stats.adopted,
                 failed=stats.failed,
                 retries=stats.retries,
+                files_uploaded=files,
+                bytes_uploaded=sent,
+                batches_completed=stage.completed,
+                batches_succeeded=stage.succeeded,
+                batches_failed=stage.failed,
                 exit_code=code,
             )
             return code
@@ -353,7 +384,12 @@ async def _watch(
             )
             stop.set()
             return "gave_up"
-        idle = parts.dispatcher.in_flight == 0 and await _store_idle(parts) and await parts.queue.is_empty()
+        idle = (
+            parts.dispatcher.in_flight == 0
+            and parts.stage.in_flight == 0
+            and await _store_idle(parts)
+            and await parts.queue.is_empty()
+        )
         idle_checks = idle_checks + 1 if idle else 0
         if idle_checks >= 2:
             log.info("service.idle")
@@ -370,6 +406,7 @@ async def _store_idle(parts: Components) -> bool:
         return (
             await store.unfinished() == 0
             and await store.pending_reconciliations() == 0
+            and await store.stages_waiting() == 0
             # Every event published (rows of a run without events on are not waited for).
             and (parts.relay is None or await store.events_waiting() == 0)
         )
@@ -394,5 +431,22 @@ def _file_lost(files: tuple[OpenedFile, ...]) -> str | None:
 
 
 def _outcomes(parts: Components) -> int:
-    stats = parts.dispatcher.stats
-    return stats.created + stats.adopted + stats.failed + stats.retries
+    stats, stage = parts.dispatcher.stats, parts.stage.stats
+    return (
+        stats.created
+        + stats.adopted
+        + stats.failed
+        + stats.retries
+        + stage.completed
+        + stage.succeeded
+        + stage.failed
+        + stage.retries
+    )
+
+
+def _first_look(track: TrackSettings) -> float:
+    """Seconds after `created` a batch without files is first looked at: at the first poll when its
+    status is followed, else when it would be overdue in `loading`."""
+    if track.without_files or track.abort_loading_after is None:
+        return track.poll_min
+    return track.abort_loading_after

@@ -223,6 +223,57 @@ class EventSettings(Section):
         return None if value is None else QueueSettings._known_scheme(value)
 
 
+# fsspec protocols a message's `files` may name; `memory` (tests) and others are opt-in.
+DEFAULT_PROTOCOLS = ("file", "s3", "gs", "abfs", "az")
+# AEP takes a single PUT up to 256 MB; larger files go through the large-file flow (reference §2.1).
+LARGE_FILE_THRESHOLD = 256 * 1024 * 1024
+# A PATCH part: AEP accepts up to 512,000,000 bytes per part (reference §2.2).
+MAX_PART_SIZE = 512_000_000
+
+
+class UploadSettings(Section):
+    # Where relative `files` entries resolve (never escaped); none: only URLs are accepted.
+    root: Path | None = None
+    protocols: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PROTOCOLS
+    large_file_threshold: int = Field(default=LARGE_FILE_THRESHOLD, gt=0, le=MAX_PART_SIZE)
+    part_size: int = Field(default=64 * 1024 * 1024, gt=0, le=MAX_PART_SIZE)
+    # Requests whose files are uploaded (or whose batch is polled) at once; AEP calls stay within
+    # ORCH_LIMITS__RATE and ORCH_LIMITS__CONCURRENCY, shared with the creates.
+    concurrency: int = Field(default=8, gt=0, le=1024)
+
+    @field_validator("root")
+    @classmethod
+    def _directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError("must be an existing directory")
+        return value
+
+    @field_validator("protocols", mode="before")
+    @classmethod
+    def _split_protocols(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip().lower() for part in value.split(",") if part.strip())
+        return value
+
+
+class TrackSettings(Section):
+    # Polling a completed batch's status: from POLL_MIN seconds, doubling up to POLL_MAX.
+    poll_min: PositiveFloat = 2.0
+    poll_max: PositiveFloat = 300.0
+    # Also follow the batches of requests without files, once someone else completes them.
+    without_files: bool = False
+    # Abort batches of requests without files still `loading` this many seconds after creation.
+    abort_loading_after: float | None = Field(default=None, gt=0, le=30 * MAX_SECONDS)
+
+    @field_validator("poll_max")
+    @classmethod
+    def _ordered(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("poll_min")
+        if low is not None and value < low:
+            raise ValueError("must not be below ORCH_TRACK__POLL_MIN")
+        return value
+
+
 class LogSettings(Section):
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -253,6 +304,8 @@ class Settings(BaseSettings):
     http: HttpSettings = HttpSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     events: EventSettings = EventSettings()
+    upload: UploadSettings = UploadSettings()
+    track: TrackSettings = TrackSettings()
     log: LogSettings = LogSettings()
 
     @classmethod

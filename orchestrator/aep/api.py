@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from orchestrator.messages import BatchRequest
 
 # Statuses of a batch that is gone for ingestion (reference §3.4): never adopted, never kept.
 DEAD_STATUSES = frozenset({"aborted", "abandoned", "failed", "failure", "inactive", "deleted"})
+# AEP's final word on a completed batch (reference §3.4): ingested, or not.
+SUCCESS_STATUSES = frozenset({"success", "active"})
+FINAL_STATUSES = SUCCESS_STATUSES | DEAD_STATUSES
+
+# A file's bytes, opened anew for every send (a replay after a 401 reads them again).
+Body = Callable[[], AsyncIterator[bytes]]
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """A batch's status as the catalog reports it, with AEP's errors and record counts."""
+
+    status: str
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    record_count: int | None = None
+    failed_record_count: int | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status.lower() in FINAL_STATUSES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.status.lower() in SUCCESS_STATUSES
 
 
 @dataclass(frozen=True)
@@ -43,6 +68,39 @@ class BatchApi(Protocol):
 
     async def get_batch(self, batch_id: str) -> Batch:
         """`GET /data/foundation/catalog/batches/{id}`."""
+
+
+class UploadApi(Protocol):
+    """The calls of the upload stage (reference §2-3). Files go to
+    `…/import/batches/{batch}/datasets/{dataset}/files/{name}`; `name` keeps its folders."""
+
+    async def ensure_token(self) -> None: ...
+
+    async def put_file(self, batch_id: str, dataset_id: str, name: str, body: Body, size: int) -> None:
+        """A file up to the large-file threshold in one `PUT` (idempotent: it replaces)."""
+
+    async def initialize_file(self, batch_id: str, dataset_id: str, name: str) -> None:
+        """`POST …/files/{name}?action=INITIALIZE`: start (or restart) a large file."""
+
+    async def put_part(
+        self, batch_id: str, dataset_id: str, name: str, start: int, body: Body, length: int, total: int
+    ) -> None:
+        """`PATCH …/files/{name}` with `Content-Range: bytes start-end/total`."""
+
+    async def file_received(self, batch_id: str, dataset_id: str, name: str) -> int | None:
+        """`HEAD …/files/{name}`: how many bytes from the start AEP has; None when it has no such
+        file (never initialized, or gone)."""
+
+    async def complete_file(self, batch_id: str, dataset_id: str, name: str) -> None:
+        """`POST …/files/{name}?action=COMPLETE`: a large file is whole."""
+
+    async def complete_batch(self, batch_id: str) -> None:
+        """`POST /batches/{id}?action=COMPLETE` (safe to repeat, reference §3.1)."""
+
+    async def abort_batch(self, batch_id: str) -> None: ...
+
+    async def batch_state(self, batch_id: str) -> BatchState:
+        """`GET /catalog/batches/{id}?properties=…`: status, errors and record counts."""
 
 
 class CallGate(Protocol):

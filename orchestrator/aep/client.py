@@ -19,10 +19,10 @@ import aiohttp
 from yarl import URL
 
 from orchestrator import logs
-from orchestrator.aep.api import Batch, CallGate
+from orchestrator.aep.api import Batch, BatchState, Body, CallGate
 from orchestrator.aep.auth import TokenProvider, TokenRefused
 from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError
-from orchestrator.messages import BatchRequest
+from orchestrator.messages import DATASET_ID, BatchRequest
 from orchestrator.observe import NULL, Observer
 from orchestrator.settings import AepSettings
 
@@ -42,11 +42,26 @@ LOOKUP_LIMIT = 100
 LOOKUP_MAX_PAGES = 20
 
 
+# What a status poll asks the catalog for: enough for AEP's final word, not the whole batch.
+STATUS_PROPERTIES = "status,errors,recordCount,failedRecordCount,metrics"
+# "bytes=0-1023", "bytes 0-1023", "0 - 1023": the last byte AEP has of a file.
+_RANGE_END = re.compile(r"(\d+)\s*-\s*(\d+)")
+
+
 @dataclass(frozen=True)
 class _Reply:
     status: int
     text: str
     retry_after: str | None
+    range: str | None = None
+
+
+@dataclass(frozen=True)
+class _Upload:
+    """A request body of file bytes: opened anew for each send, `size` bytes long."""
+
+    body: Body
+    size: int
 
 
 class AepClient:
@@ -66,6 +81,10 @@ class AepClient:
         self._observer = observer
         base = URL(str(settings.base_url))
         self._create_url = base.joinpath("data", "foundation", "import", "batches")
+        # File bodies can take far longer than one API call: bounded by silence, not by duration.
+        self._upload_timeout = aiohttp.ClientTimeout(
+            total=None, connect=min(10.0, settings.timeout), sock_read=settings.timeout
+        )
         self._catalog_url = base.joinpath("data", "foundation", "catalog", "batches")
         connect = min(10.0, settings.timeout)
         # `total` bounds the whole call, body included, as ORCH_AEP__TIMEOUT promises; `connect`
@@ -200,6 +219,84 @@ class AepClient:
             )
         return batch
 
+    # --- the upload stage (reference §2-3) -----------------------------------------------------
+
+    async def put_file(self, batch_id: str, dataset_id: str, name: str, body: Body, size: int) -> None:
+        endpoint = "files.put"
+        upload = _Upload(body, size)
+        reply = await self._call(endpoint, "PUT", self._file_url(batch_id, dataset_id, name), upload=upload)
+        if reply.status not in (200, 201):
+            raise _http_error(endpoint, reply)
+
+    async def initialize_file(self, batch_id: str, dataset_id: str, name: str) -> None:
+        await self._file_action("files.initialize", batch_id, dataset_id, name, "INITIALIZE")
+
+    async def put_part(
+        self, batch_id: str, dataset_id: str, name: str, start: int, body: Body, length: int, total: int
+    ) -> None:
+        endpoint = "files.patch"
+        url = self._file_url(batch_id, dataset_id, name)
+        content_range = f"bytes {start}-{start + length - 1}/{total}"
+        reply = await self._call(
+            endpoint, "PATCH", url, upload=_Upload(body, length), headers={"Content-Range": content_range}
+        )
+        if reply.status not in (200, 201, 204):
+            raise _http_error(endpoint, reply)
+
+    async def file_received(self, batch_id: str, dataset_id: str, name: str) -> int | None:
+        endpoint = "files.head"
+        reply = await self._call(endpoint, "HEAD", self._file_url(batch_id, dataset_id, name))
+        if reply.status == 404:
+            return None
+        if reply.status not in (200, 204):
+            raise _http_error(endpoint, reply)
+        match = _RANGE_END.search(reply.range or "")
+        return int(match.group(2)) + 1 if match else 0
+
+    async def complete_file(self, batch_id: str, dataset_id: str, name: str) -> None:
+        await self._file_action("files.complete", batch_id, dataset_id, name, "COMPLETE")
+
+    async def complete_batch(self, batch_id: str) -> None:
+        endpoint = "batches.complete"
+        url = self._create_url / _checked_batch(batch_id)
+        reply = await self._call(endpoint, "POST", url, params={"action": "COMPLETE"})
+        if reply.status not in (200, 201, 204):
+            raise _http_error(endpoint, reply)
+
+    async def batch_state(self, batch_id: str) -> BatchState:
+        endpoint = "catalog.status"
+        url = self._catalog_url / _checked_batch(batch_id)
+        reply = await self._call(endpoint, "GET", url, params={"properties": STATUS_PROPERTIES})
+        if reply.status != 200:
+            raise _http_error(endpoint, reply)
+        entry = _entry(_json(reply.text), batch_id)
+        status = entry.get("status") if entry is not None else None
+        if entry is None or not isinstance(status, str):
+            raise AepHttpError(
+                f"{endpoint} answered HTTP 200 without the status of batch {batch_id}",
+                endpoint=endpoint,
+                status=reply.status,
+                detail=_truncate(reply.text),
+            )
+        return _batch_state(status, entry)
+
+    async def _file_action(
+        self, endpoint: str, batch_id: str, dataset_id: str, name: str, action: str
+    ) -> None:
+        url = self._file_url(batch_id, dataset_id, name)
+        reply = await self._call(endpoint, "POST", url, params={"action": action})
+        if reply.status not in (200, 201, 204):
+            raise _http_error(endpoint, reply)
+
+    def _file_url(self, batch_id: str, dataset_id: str, name: str) -> URL:
+        if not DATASET_ID.fullmatch(dataset_id):
+            raise ValueError("dataset id must be 1 to 128 letters, digits, '-' or '_'")
+        segments = name.split("/")
+        if not name or any(part in ("", ".", "..") for part in segments) or not name.isprintable():
+            raise ValueError("file name must be a relative path without empty, '.' or '..' segments")
+        # Each segment is percent-encoded on its own: the folders stay folders (partitions).
+        return self._create_url.joinpath(_checked_batch(batch_id), "datasets", dataset_id, "files", *segments)
+
     async def _call(
         self,
         endpoint: str,
@@ -208,9 +305,13 @@ class AepClient:
         *,
         params: Mapping[str, str] | None = None,
         body: dict[str, Any] | None = None,
+        upload: _Upload | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> _Reply:
-        """One platform call with the current token; on a 401, one replay with a fresh one."""
-        reply, token = await self._send(endpoint, method, url, params, body)
+        """One platform call with the current token; on a 401, one replay with a fresh one (a file
+        body is opened anew for it)."""
+        send = _Send(params, body, upload, headers)
+        reply, token = await self._send(endpoint, method, url, send)
         if reply.status == 401:
             await self._tokens.refresh(token)
             if self._tokens.fixed:
@@ -223,28 +324,21 @@ class AepClient:
                     error_code=code,
                     detail=detail,
                 )
-            reply, _ = await self._send(endpoint, method, url, params, body)
+            reply, _ = await self._send(endpoint, method, url, send)
         return reply
 
-    async def _send(
-        self,
-        endpoint: str,
-        method: str,
-        url: URL,
-        params: Mapping[str, str] | None,
-        body: dict[str, Any] | None,
-    ) -> tuple[_Reply, str]:
+    async def _send(self, endpoint: str, method: str, url: URL, send: _Send) -> tuple[_Reply, str]:
         """One HTTP call, inside the gate's slot when there is a gate, and reported to it once.
 
         The token is taken inside the slot, right before sending: a call can wait in the slot for a
         throttling pause longer than a short-lived token has left."""
         if self._gate is None:
             token = await self._tokens.token()
-            return await self._http(endpoint, method, url, self._with(token, body), params, body), token
+            return await self._http(endpoint, method, url, self._with(token, send), send), token
         async with self._gate.slot():
             token = await self._tokens.token()
             try:
-                reply = await self._http(endpoint, method, url, self._with(token, body), params, body)
+                reply = await self._http(endpoint, method, url, self._with(token, send), send)
             except AepTransportError:
                 self._gate.record(None, None)
                 raise
@@ -252,32 +346,40 @@ class AepClient:
             self._gate.record(reply.status, reply.retry_after)
             return reply, token
 
-    def _with(self, token: str, body: dict[str, Any] | None) -> dict[str, str]:
-        headers = {**self._headers, "Authorization": f"Bearer {token}"}
-        if body is not None:
+    def _with(self, token: str, send: _Send) -> dict[str, str]:
+        headers = {**self._headers, **(send.headers or {}), "Authorization": f"Bearer {token}"}
+        if send.body is not None:
             headers["Content-Type"] = "application/json"
+        if send.upload is not None:
+            # A known length, not chunked: AEP's gateway checks a file's size against its limits.
+            headers["Content-Type"] = "application/octet-stream"
+            headers["Content-Length"] = str(send.upload.size)
         return headers
 
     async def _http(
-        self,
-        endpoint: str,
-        method: str,
-        url: URL,
-        headers: dict[str, str],
-        params: Mapping[str, str] | None,
-        body: dict[str, Any] | None,
+        self, endpoint: str, method: str, url: URL, headers: dict[str, str], send: _Send
     ) -> _Reply:
         loop = asyncio.get_running_loop()
         started = loop.time()
         status: int | None = None
+        upload = send.upload
         try:
             async with self._session.request(
-                method, url, params=params, json=body, headers=headers, timeout=self._timeout
+                method,
+                url,
+                params=send.params,
+                json=send.body,
+                data=None if upload is None else upload.body(),
+                headers=headers,
+                timeout=self._timeout if upload is None else self._upload_timeout,
             ) as response:
                 status = response.status
                 raw = await response.read()
                 return _Reply(
-                    status, raw.decode("utf-8", errors="replace"), response.headers.get("Retry-After")
+                    status,
+                    raw.decode("utf-8", errors="replace"),
+                    response.headers.get("Retry-After"),
+                    response.headers.get("Range"),
                 )
         except aiohttp.ConnectionTimeoutError as exc:
             # Checked before the other timeouts: no connection, so nothing was sent.
@@ -304,6 +406,78 @@ class AepClient:
             self._observer.aep_call(endpoint, status, duration)
             if _stdlib_log.isEnabledFor(logging.DEBUG):
                 log.debug("aep.call", endpoint=endpoint, status=status, duration=round(duration, 4))
+
+
+@dataclass(frozen=True)
+class _Send:
+    """What one call sends besides its method and URL."""
+
+    params: Mapping[str, str] | None
+    body: dict[str, Any] | None
+    upload: _Upload | None
+    headers: Mapping[str, str] | None
+
+
+def _checked_batch(batch_id: str) -> str:
+    if not BATCH_ID.fullmatch(batch_id):
+        raise ValueError("batch id must be 1 to 128 letters, digits, '-' or '_'")
+    return batch_id
+
+
+def _entry(data: Any, batch_id: str) -> dict[str, Any] | None:
+    """The batch's object in a catalog answer keyed by batch id (tolerating one entry under another
+    key, or the object itself)."""
+    if not isinstance(data, dict):
+        return None
+    entry = data.get(batch_id)
+    if entry is None and len(data) == 1:
+        entry = next(iter(data.values()))
+    if entry is None and "status" in data:
+        entry = data
+    return entry if isinstance(entry, dict) else None
+
+
+def _batch_state(status: str, entry: dict[str, Any]) -> BatchState:
+    errors = entry.get("errors")
+    metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
+    assert isinstance(metrics, dict)
+    records = _count(entry.get("recordCount"))
+    if records is None:
+        records = _count(metrics.get("outputRecordCount")) or _count(metrics.get("inputRecordCount"))
+    failed = _count(entry.get("failedRecordCount"))
+    if failed is None:
+        failed = _count(metrics.get("failedRecordCount"))
+    return BatchState(
+        status=status,
+        errors=[_error(item) for item in errors if isinstance(item, dict)][:20]
+        if isinstance(errors, list)
+        else [],
+        record_count=records,
+        failed_record_count=failed,
+    )
+
+
+def _error(item: dict[str, Any]) -> dict[str, Any]:
+    """One of AEP's batch errors, kept to its known fields and bounded (it is stored and logged)."""
+    kept: dict[str, Any] = {}
+    for key in ("code", "description", "rows"):
+        if key in item:
+            value = item[key]
+            kept[key] = value if isinstance(value, int | float | list) else _str(value)
+    if isinstance(kept.get("rows"), list):
+        kept["rows"] = [str(row)[:40] for row in kept["rows"][:20]]
+    return kept
+
+
+def _count(value: Any) -> int | None:
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def error_text(errors: list[dict[str, Any]]) -> str | None:
+    """AEP's batch errors as one line for `lastError`: code and description of each."""
+    parts = [" ".join(str(e[key]) for key in ("code", "description") if e.get(key)) for e in errors]
+    text = "; ".join(part for part in parts if part)
+    return text[:500] or None
 
 
 def _http_error(endpoint: str, reply: _Reply) -> AepHttpError:

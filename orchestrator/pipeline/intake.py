@@ -21,6 +21,7 @@ import structlog
 
 from orchestrator import logs
 from orchestrator.clock import Clock, sleep_until_set
+from orchestrator.files import FileSources
 from orchestrator.messages import InvalidMessage, parse_message
 from orchestrator.observe import NULL, Observer
 from orchestrator.queues.base import Delivery, Queue
@@ -54,8 +55,12 @@ class Intake:
         poll_timeout: float = 0.5,
         on_added: asyncio.Event | None = None,
         observer: Observer = NULL,
+        sources: FileSources | None = None,
     ) -> None:
         self._observer = observer
+        # Where a message's files must lie (ORCH_UPLOAD__ROOT, ORCH_UPLOAD__PROTOCOLS); without, a
+        # message naming files is refused.
+        self._sources = sources
         self._queue = queue
         self._store = store
         self._clock = clock
@@ -105,6 +110,10 @@ class Intake:
         with structlog.contextvars.bound_contextvars(message_id=delivery.message_id):
             try:
                 request = parse_message(delivery.body, delivery.message_id)
+                if request.files:
+                    if self._sources is None:
+                        raise InvalidMessage("files: this service does not upload files")
+                    self._sources.check(request.files)
             except InvalidMessage as exc:
                 await self._reject(delivery, str(exc))
                 return

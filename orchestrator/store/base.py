@@ -11,24 +11,52 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
-from orchestrator.messages import BatchRequest
+from orchestrator.messages import BatchRequest, FileRef
 
 
 class State(StrEnum):
     PENDING = "pending"  # waiting for its call
     RETRYING = "retrying"  # a call failed and will be tried again at next_attempt_at
     CREATED = "created"  # the batch exists: batch_id and batch_status are set
-    FAILED = "failed"  # a permanent error or attempts exhausted: last_error says why
+    UPLOADING = "uploading"  # its files are being uploaded (then the batch is completed)
+    PROCESSING = "processing"  # completed: AEP is at work, its status is polled
+    SUCCEEDED = "succeeded"  # AEP ingested the batch
+    FAILED = "failed"  # a permanent error, attempts exhausted, or AEP failed the batch
     REJECTED = "rejected"  # the message was invalid and never reached AEP
 
     @property
     def final(self) -> bool:
+        """Final for the create path: the request needs no more calls to get its batch (a
+        request with files goes on from `created` in the upload stage)."""
         return self in FINAL_STATES
 
 
-FINAL_STATES = frozenset({State.CREATED, State.FAILED, State.REJECTED})
+FINAL_STATES = frozenset(
+    {State.CREATED, State.UPLOADING, State.PROCESSING, State.SUCCEEDED, State.FAILED, State.REJECTED}
+)
+
+
+class Step(StrEnum):
+    """Where a request stands in the batch lifecycle after `created` (the upload stage)."""
+
+    UPLOAD = "upload"  # files to upload, then COMPLETE
+    TRACK = "track"  # the batch's status is polled until AEP's final word
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """What a record shows of its lifecycle: the step (`complete` once every file is in and the
+    batch is about to be completed), files done of total, and AEP's final word."""
+
+    step: str
+    files_done: int
+    files_total: int
+    errors: list[dict[str, object]] | None = None
+    record_count: int | None = None
+    failed_record_count: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,9 +84,26 @@ class BatchRecord:
     # A created request with an ambiguous history is looked up once more at this time.
     reconcile_at: datetime | None = None
     reconcile_tries: int = 0
+    files: tuple[FileRef, ...] = ()
+    lifecycle: Lifecycle | None = None
 
     def to_json(self) -> dict[str, object]:
-        """The contract's record shape (`batches --json`, `GET /batches`)."""
+        """The contract's record shape (`batches --json`, `GET /batches`); a request with files
+        (or a batch followed to the end) adds its step, files done of total and AEP's errors."""
+        record = self._contract_json()
+        life = self.lifecycle
+        if life is not None:
+            record.update(
+                step=life.step,
+                filesDone=life.files_done,
+                filesTotal=life.files_total,
+                errors=life.errors,
+                recordCount=life.record_count,
+                failedRecordCount=life.failed_record_count,
+            )
+        return record
+
+    def _contract_json(self) -> dict[str, object]:
         return {
             "requestId": self.request_id,
             "datasetId": self.dataset_id,
@@ -78,6 +123,7 @@ class BatchRecord:
             input_format=self.input_format,  # type: ignore[arg-type]  # only valid formats are stored
             multiline_json=self.multiline_json,
             tags=dict(self.tags),
+            files=self.files,
         )
 
 
@@ -101,8 +147,43 @@ class Claim:
     taken_over: bool = False
 
 
+@dataclass(frozen=True)
+class UploadFile:
+    """One file of a request in the upload stage, and how far it got."""
+
+    position: int
+    source: str
+    name: str
+    size: int | None
+    bytes_sent: int  # a large file's bytes AEP had, as last recorded
+    initialized: bool  # a large file's INITIALIZE was answered
+    done: bool
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A request leased to the upload stage for its current step (`Claim`'s counterpart): every
+    write is fenced by `lease`. `attempts`: the step's failures in a row since its last progress;
+    `taken_over`: the previous holder's lease ran out (it died or stalled mid-step)."""
+
+    pk: int
+    record: BatchRecord
+    step: Step
+    lease: str
+    attempts: int
+    files: tuple[UploadFile, ...]
+    polls: int
+    started_at: datetime  # when the request got its batch
+    completed_at: datetime | None
+    taken_over: bool = False
+
+
 # The event a request's arrival in each of these states publishes (ORCH_EVENTS__URL).
-EVENT_TYPES = {State.CREATED: "batch.created", State.FAILED: "batch.failed"}
+EVENT_TYPES = {
+    State.CREATED: "batch.created",
+    State.FAILED: "batch.failed",
+    State.SUCCEEDED: "batch.succeeded",
+}
 
 
 @dataclass(frozen=True)
@@ -128,7 +209,7 @@ def event_body(
     error: str | None,
     at: datetime,
 ) -> dict[str, object]:
-    """The contract's event for a request that reached `state` (created or failed) at `at`."""
+    """The contract's event for a request that reached `state` (created, succeeded or failed) at `at`."""
     return {
         "type": EVENT_TYPES[state],
         "eventId": event_id,
@@ -252,6 +333,12 @@ class BatchStore(Protocol):
     async def counts(self) -> dict[State, int]:
         """How many requests are in each state (backlog metrics, `--until-idle`)."""
 
+    async def step_counts(self) -> dict[str, int]:
+        """How many requests are in each step of the upload stage (upload, complete, track, done)."""
+
+    async def stages_waiting(self) -> int:
+        """How many requests the upload stage has not finished (`--until-idle` waits for them)."""
+
     async def unfinished(self) -> int:
         """How many requests are pending or retrying (intake backpressure)."""
 
@@ -325,3 +412,52 @@ class StateChange:
 
 def _iso(value: datetime) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+class StageStore(Protocol):
+    """What the upload stage asks of the store (`store/lifecycle.py`). Every write but the claim is
+    fenced by the stage's lease and returns False, writing nothing, once the lease was lost."""
+
+    async def claim_stages(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Stage]:
+        """Lease up to `limit` requests whose step is due at `now` (a request starting its upload
+        moves from `created` to `uploading`)."""
+
+    async def next_stage_due(self) -> datetime | None: ...
+
+    async def renew_stages(self, stages: Sequence[Stage], lease_seconds: float, now: datetime) -> set[str]:
+        """Extend the leases still held; returns the request ids renewed."""
+
+    async def file_progress(
+        self,
+        stage: Stage,
+        position: int,
+        now: datetime,
+        *,
+        size: int | None = None,
+        bytes_sent: int | None = None,
+        initialized: bool | None = None,
+        done: bool = False,
+    ) -> bool: ...
+
+    async def batch_completed(self, stage: Stage, now: datetime, next_at: datetime) -> bool: ...
+
+    async def stage_polled(
+        self, stage: Stage, batch_status: str, now: datetime, next_at: datetime, *, processing: bool
+    ) -> bool: ...
+
+    async def stage_finished(
+        self,
+        stage: Stage,
+        now: datetime,
+        *,
+        to_state: State | None,
+        batch_status: str | None,
+        error: str | None,
+        errors: list[dict[str, Any]] | None = None,
+        record_count: int | None = None,
+        failed_record_count: int | None = None,
+    ) -> bool: ...
+
+    async def stage_retry(
+        self, stage: Stage, error: str | None, next_at: datetime, now: datetime, *, counted: bool = True
+    ) -> bool: ...

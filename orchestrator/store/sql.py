@@ -18,7 +18,7 @@ import functools
 import itertools
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -26,31 +26,17 @@ from uuid import uuid4
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    CheckConstraint,
-    Column,
     DateTime,
-    Dialect,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
     Row,
     RowMapping,
     Table,
-    Text,
-    TypeDecorator,
-    UniqueConstraint,
     Update,
     bindparam,
     delete,
-    false,
     func,
     insert,
     or_,
     select,
-    text,
     tuple_,
     update,
 )
@@ -65,138 +51,30 @@ from orchestrator.store.base import (
     AddResult,
     BatchRecord,
     Claim,
+    Lifecycle,
     OutboxEvent,
     State,
     StateChange,
+    Step,
     event_body,
 )
 from orchestrator.store.engine import async_url, open_engine, reader
+from orchestrator.store.lifecycle import LifecycleQueries, files_from_json, files_json
+from orchestrator.store.schema import (
+    batch_event,
+    batch_lifecycle,
+    batch_request,
+    event_outbox,
+    metadata,
+)
+
+__all__ = ["MIGRATIONS", "SqlBatchStore", "alembic_config", "metadata", "upgrade"]
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 # An arbitrary constant: PostgreSQL replicas starting together take turns migrating.
 _MIGRATION_LOCK = 7_305_412_001
 
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """Aware datetimes in, aware UTC datetimes out, on every dialect.
-
-    SQLite stores naive text and would silently drop the zone of an aware value; storing UTC with a
-    fixed format keeps text comparisons in SQL equal to time comparisons.
-    """
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: the store takes timezone-aware times")
-        value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-# INTEGER PRIMARY KEY is SQLite's rowid alias (a BIGINT key would not autoincrement there).
-_Id = BigInteger().with_variant(Integer(), "sqlite")
-
-_STATES_SQL = "state IN ('pending', 'retrying', 'created', 'failed', 'rejected')"
-# Exactly the unfinished rows have a next attempt time. Claim and next_due filter on that column
-# alone, never on `state`: without ANALYZE statistics SQLite would then pick the state index and sort
-# the whole backlog on every claim (measured: 90 ms at 130k pending rows, against 0.1 ms here).
-_DUE_SQL = "(state IN ('pending', 'retrying')) = (next_attempt_at IS NOT NULL)"
-
-metadata = MetaData()
-
-batch_request = Table(
-    "batch_request",
-    metadata,
-    Column("id", _Id, primary_key=True),
-    Column("request_id", Text, nullable=False),
-    Column("dataset_id", Text, nullable=False),  # "" for a rejected message that had none
-    Column("fingerprint", Text, nullable=False),  # "" for a rejected message
-    Column("input_format", Text),
-    Column("multiline_json", Boolean),
-    Column("tags", Text, nullable=False),  # JSON object of string lists
-    Column("state", Text, nullable=False),
-    Column("attempts", Integer, nullable=False),
-    Column("next_attempt_at", UtcDateTime),  # None once final
-    Column("lease_token", Text),  # fences one attempt: outcomes are written only under it
-    Column("lease_owner", Text),
-    Column("lease_expires_at", UtcDateTime),
-    Column("needs_lookup", Boolean, nullable=False),
-    Column("batch_id", Text),
-    Column("batch_status", Text),
-    Column("last_error", Text),
-    Column("created_at", UtcDateTime, nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
-    Column("settle_until", UtcDateTime),  # no new create before (see BatchRecord)
-    Column("lookup_only", Boolean, nullable=False, server_default=false()),
-    Column("reconcile_at", UtcDateTime),  # a created request's one more look-up
-    Column("reconcile_tries", Integer, nullable=False, server_default="0"),
-    UniqueConstraint("request_id", name="uq_batch_request_request_id"),
-    CheckConstraint(_STATES_SQL, name="ck_batch_request_state"),
-    CheckConstraint(_DUE_SQL, name="ck_batch_request_due"),
-    # Claim and next_due walk this from the front; final rows are not in it at all.
-    Index(
-        "ix_batch_request_due",
-        "next_attempt_at",
-        "id",
-        sqlite_where=text("next_attempt_at IS NOT NULL"),
-        postgresql_where=text("next_attempt_at IS NOT NULL"),
-    ),
-    # Only leased rows: next_due finds the earliest lease expiry without a scan.
-    Index(
-        "ix_batch_request_lease",
-        "lease_expires_at",
-        sqlite_where=text("lease_expires_at IS NOT NULL"),
-        postgresql_where=text("lease_expires_at IS NOT NULL"),
-    ),
-    # Only rows waiting for reconciliation.
-    Index(
-        "ix_batch_request_reconcile",
-        "reconcile_at",
-        sqlite_where=text("reconcile_at IS NOT NULL"),
-        postgresql_where=text("reconcile_at IS NOT NULL"),
-    ),
-    Index("ix_batch_request_state", "state", "created_at", "id"),
-    Index("ix_batch_request_dataset", "dataset_id", "created_at"),
-    Index("ix_batch_request_created", "created_at", "id"),
-)
-
-batch_event = Table(
-    "batch_event",
-    metadata,
-    Column("id", _Id, primary_key=True),
-    Column(
-        "batch_request_id",
-        _Id,
-        ForeignKey("batch_request.id", name="fk_batch_event_request", ondelete="CASCADE"),
-        nullable=False,
-    ),
-    Column("at", UtcDateTime, nullable=False),
-    Column("from_state", Text),
-    Column("to_state", Text, nullable=False),
-    Column("attempt", Integer, nullable=False),
-    Column("detail", Text),
-    Index("ix_batch_event_request", "batch_request_id", "id"),
-)
-
-# Batch events waiting for the relay (ORCH_EVENTS__URL), written with the state change they report.
-event_outbox = Table(
-    "event_outbox",
-    metadata,
-    Column("id", _Id, primary_key=True),  # the publishing order
-    Column("event_id", Text, nullable=False),  # also the message id: a repeat is recognisable
-    Column("body", Text, nullable=False),  # the event's JSON
-    Column("created_at", UtcDateTime, nullable=False),
-    UniqueConstraint("event_id", name="uq_event_outbox_event_id"),
-)
 
 _UNFINISHED = batch_request.c.state.in_([State.PENDING.value, State.RETRYING.value])
 _DUE = batch_request.c.next_attempt_at.is_not(None)  # the same rows (ck_batch_request_due)
@@ -209,6 +87,19 @@ _OUTCOME = (
     batch_request.c.batch_id,
     batch_request.c.batch_status,
     batch_request.c.last_error,
+    batch_request.c.files,
+)
+# Records as users see them: the request, and its lifecycle when it has one.
+_LIFE_COLUMNS = (
+    batch_lifecycle.c.step.label("life_step"),
+    batch_lifecycle.c.files_done.label("life_files_done"),
+    batch_lifecycle.c.files_total.label("life_files_total"),
+    batch_lifecycle.c.errors.label("life_errors"),
+    batch_lifecycle.c.record_count.label("life_record_count"),
+    batch_lifecycle.c.failed_record_count.label("life_failed_record_count"),
+)
+_RECORDS = select(batch_request, *_LIFE_COLUMNS).select_from(
+    batch_request.outerjoin(batch_lifecycle, batch_lifecycle.c.batch_request_id == batch_request.c.id)
 )
 
 
@@ -262,7 +153,7 @@ def upgrade(connection: Connection) -> None:
     command.upgrade(alembic_config(connection), "head")
 
 
-class SqlBatchStore:
+class SqlBatchStore(LifecycleQueries):
     """`BatchStore` on SQLAlchemy Core. `url` is `sqlite:///PATH` or `postgresql://…`.
 
     On SQLite every write goes through one writer task that commits whatever is queued in one
@@ -290,10 +181,21 @@ class SqlBatchStore:
 
     MAX_BATCH = 256
 
-    def __init__(self, url: str, *, pool_size: int | None = None, events: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int | None = None,
+        events: bool = False,
+        track_without_files: bool = False,
+        first_look: float = 0.0,
+    ) -> None:
         self.url = url
         self._pool_size = pool_size
         self._events = events
+        # Requests without files get a lifecycle too (ORCH_TRACK__WITHOUT_FILES, ABORT_LOADING_AFTER).
+        self._track_without_files = track_without_files
+        self._first_look = first_look
         self._events_written = asyncio.Event()
         self._engine: AsyncEngine | None = None
         self._reader: AsyncEngine | None = None
@@ -438,10 +340,7 @@ class SqlBatchStore:
             .order_by(*order)
             .limit(limit)
         )
-        if self._postgres:
-            # Replicas claiming at once skip each other's rows instead of queueing behind them.
-            # (SQLite needs nothing: BEGIN IMMEDIATE already makes this the only writer.)
-            due = due.with_for_update(skip_locked=True)
+        due = self._lock_for_claim(due)
         counted: dict[str, Any] = {}
         if attempt:
             counted = {
@@ -493,6 +392,19 @@ class SqlBatchStore:
 
         claims: list[Claim] = await self._write(_Op(run=run))
         return claims
+
+    def _lock_for_claim(self, statement: Any) -> Any:
+        if self._postgres:
+            # Replicas claiming at once skip each other's rows instead of queueing behind them.
+            # (SQLite needs nothing: BEGIN IMMEDIATE already makes this the only writer.)
+            return statement.with_for_update(skip_locked=True)
+        return statement
+
+    async def _run_write(self, run: Callable[[_Tx], Awaitable[Any]]) -> Any:
+        return await self._write(_Op(run=run))
+
+    def _record(self, row: RowMapping) -> BatchRecord:
+        return _record(row)
 
     async def mark_created(
         self,
@@ -602,7 +514,8 @@ class SqlBatchStore:
             .distinct()
         )
         async with self._read.connect() as connection:
-            return {owner for (owner,) in await connection.execute(statement) if owner is not None}
+            owners = {owner for (owner,) in await connection.execute(statement) if owner is not None}
+            return owners | await self._stage_lease_owners(connection)
 
     async def expire_leases(self, owners: Sequence[str], now: datetime) -> int:
         if not owners:
@@ -618,7 +531,8 @@ class SqlBatchStore:
         )
 
         async def run(tx: _Tx) -> int:
-            return len((await tx.connection.execute(statement)).all())
+            ended = len((await tx.connection.execute(statement)).all())
+            return ended + await self._expire_stage_leases(tx, owners, now)
 
         ended: int = await self._write(_Op(run=run))
         return ended
@@ -695,8 +609,11 @@ class SqlBatchStore:
                 # The lease fenced every change since the claim, so the state is still the claimed one.
                 tx.trail(row.id, now, claim.record.state, to_state, claim.attempt, detail)
                 # A reconciliation's trail row (created to created) is no arrival: no event.
-                if self._events and to_state in EVENT_TYPES and claim.record.state is not to_state:
+                arrived = claim.record.state is not to_state
+                if self._events and to_state in EVENT_TYPES and arrived:
                     tx.event(to_state, row, now)
+                if to_state is State.CREATED and arrived:
+                    await self._start_lifecycle(tx, row.id, row.files, now)
             return True
 
         done: bool = await self._write(_Op(run=run))
@@ -785,6 +702,7 @@ class SqlBatchStore:
                 "input_format": request.input_format,
                 "multiline_json": request.multiline_json,
                 "tags": json.dumps(request.tags, sort_keys=True),
+                "files": files_json(request.files),
                 "state": State.PENDING.value,
                 "attempts": 0,
                 "next_attempt_at": now,
@@ -953,7 +871,7 @@ class SqlBatchStore:
         return requeued
 
     async def get(self, request_id: str) -> BatchRecord | None:
-        statement = select(batch_request).where(batch_request.c.request_id == request_id)
+        statement = _RECORDS.where(batch_request.c.request_id == request_id)
         async with self._read.connect() as connection:
             row = (await connection.execute(statement)).mappings().one_or_none()
         return None if row is None else _record(row)
@@ -961,7 +879,7 @@ class SqlBatchStore:
     async def records(
         self, state: State | None = None, dataset_id: str | None = None, limit: int | None = None
     ) -> list[BatchRecord]:
-        statement = select(batch_request).order_by(batch_request.c.created_at, batch_request.c.id)
+        statement = _RECORDS.order_by(batch_request.c.created_at, batch_request.c.id)
         if state is not None:
             statement = statement.where(batch_request.c.state == state.value)
         if dataset_id is not None:
@@ -975,12 +893,7 @@ class SqlBatchStore:
     async def page(
         self, state: State | None, dataset_id: str | None, after: int, limit: int
     ) -> tuple[list[BatchRecord], int | None]:
-        statement = (
-            select(batch_request)
-            .where(batch_request.c.id > after)
-            .order_by(batch_request.c.id)
-            .limit(limit + 1)
-        )
+        statement = _RECORDS.where(batch_request.c.id > after).order_by(batch_request.c.id).limit(limit + 1)
         if state is not None:
             statement = statement.where(batch_request.c.state == state.value)
         if dataset_id is not None:
@@ -1191,4 +1104,25 @@ def _record(row: RowMapping) -> BatchRecord:
         lookup_only=bool(row["lookup_only"]),
         reconcile_at=row["reconcile_at"],
         reconcile_tries=row["reconcile_tries"],
+        files=files_from_json(row["files"]),
+        lifecycle=_lifecycle(row),
+    )
+
+
+def _lifecycle(row: RowMapping) -> Lifecycle | None:
+    """The lifecycle columns of a `_RECORDS` row (None when the request has none, or the row was
+    read without them)."""
+    step = row.get("life_step")
+    if step is None:
+        return None
+    done, total = row["life_files_done"], row["life_files_total"]
+    errors = row["life_errors"]
+    return Lifecycle(
+        # Every file in, the batch not completed yet: the step a user calls "complete".
+        step="complete" if step == Step.UPLOAD.value and total and done == total else step,
+        files_done=done,
+        files_total=total,
+        errors=None if errors is None else json.loads(errors),
+        record_count=row["life_record_count"],
+        failed_record_count=row["life_failed_record_count"],
     )

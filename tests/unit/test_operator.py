@@ -155,6 +155,7 @@ async def test_status_counts_the_last_minute_and_finds_the_oldest(store: SqlBatc
     status = await operator.read_status(store, at(150))
 
     assert status.counts == {
+        **dict.fromkeys(State, 0),
         State.PENDING: 2,
         State.RETRYING: 1,
         State.CREATED: 3,
@@ -171,7 +172,10 @@ async def test_status_counts_the_last_minute_and_finds_the_oldest(store: SqlBatc
 
     as_json = status.to_json()
     assert json.loads(json.dumps(as_json)) == as_json
-    assert as_json["counts"] == {"pending": 2, "retrying": 1, "created": 3, "failed": 1, "rejected": 0}
+    assert as_json["counts"] == {
+        **{state.value: 0 for state in State},
+        **{"pending": 2, "retrying": 1, "created": 3, "failed": 1, "rejected": 0},
+    }
     oldest = as_json["oldestUnfinished"]
     assert isinstance(oldest, dict)
     assert (oldest["requestId"], oldest["ageSeconds"]) == ("oldest-pending", 145.0)

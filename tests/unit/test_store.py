@@ -480,6 +480,7 @@ async def test_counts_and_unfinished(make_store: MakeStore, now: datetime) -> No
     await store.mark_retry(c, "HTTP 503", now, ambiguous=False, now=now)
 
     assert await store.counts() == {
+        **dict.fromkeys(State, 0),
         State.PENDING: 1,
         State.RETRYING: 1,
         State.CREATED: 1,
