@@ -3,8 +3,13 @@
 5xx, 503 with Retry-After, dropped connections, slow answers, a lagging catalog, expiring tokens.
 
 One server answers both IMS (`POST /ims/token/v3`) and the Platform paths, so one URL serves as
-`ORCH_AEP__BASE_URL` and `ORCH_AEP__IMS_URL`. `GET /_sim/stats` and `POST /_sim/reset` are the
-simulator's own; they need no headers and are never faulted.
+`ORCH_AEP__BASE_URL` and `ORCH_AEP__IMS_URL`. `GET /_sim/stats`, `GET /_sim/files` and
+`POST /_sim/reset` are the simulator's own; they need no headers and are never faulted.
+
+The batch lifecycle: create, upload files (small PUT, or large INITIALIZE + PATCH parts + COMPLETE,
+reference §2), COMPLETE the batch, which is `processing` for `processing_time` seconds and then
+`success` or `failed` (reference §3). File bodies are streamed to a temporary directory, never held
+in memory (`simulator_files.py`).
 
 Choices where the reference is silent (reference §1.5, §4.1 and §6.2 mark them UNCONFIRMED):
 - an unknown dataset is a 400 problem body, detail "Dataset <id> not found";
@@ -12,7 +17,28 @@ Choices where the reference is silent (reference §1.5, §4.1 and §6.2 mark the
   one Adobe's gateway is seen giving elsewhere, and always a Retry-After;
 - a 500 and a 503 are problem bodies; a 502 is an HTML page, as a gateway in front gives;
 - IMS errors are OAuth2 bodies `{"error", "error_description"}`;
-- COMPLETE and ABORT answer 200 with an empty body, as the batch-ingestion guide shows.
+- COMPLETE and ABORT answer 200 with an empty body, as the batch-ingestion guide shows;
+- a batch can be aborted while loading or processing, not once success or failed (reference §3.2);
+- a file upload to a batch that is not loading is a 400 problem "Batch <id> is <status>: files can
+  no longer be added"; the file endpoints refuse a filePath with an empty, `.` or `..` segment (400);
+- PUT and PATCH without `Content-Type: application/octet-stream` are a 415 problem
+  (UnsupportedMediaTypeError, the spec's "The uploaded file media type isn't supported.");
+- INITIALIZE of an existing file, finished or not, starts it again empty (201);
+- PATCH of a file not initialized, already completed, or with a Content-Range that is malformed,
+  ends past an announced size, announces another size than earlier parts, or does not match the
+  body's length is a 400; a refused part is not counted as received. Its 200 carries
+  `Range: bytes=0-<last>` for the bytes received from 0 without a gap (no header when none) and
+  `{"name", "sizeInBytes"}` with every byte received so far;
+- HEAD of a file gives the same Range header, 404 when there is no such file;
+- a file COMPLETE checks the ranges (reference §2.2): 400 naming the first gap, or bytes sent twice
+  with different content (identical re-sends are retries, accepted), or parts still uploading;
+  completing a finished file again, or a small file, is 200;
+- a batch COMPLETE is a 400 while a large file is unfinished or a body is still being received;
+- a finished batch's errors: code "106" (the documented empty-file error) for a batch without files
+  or with an empty file, "INGEST-1212-400" for a dataset in `fail_datasets`; a failed batch has
+  `failedRecordCount` = `recordCount` and `metrics.outputRecordCount` 0;
+- a record is a line: a file's newlines, plus one when it does not end with one;
+- `upload_error_rate` answers 500 before anything is stored; a body cut short is a 400.
 """
 
 from __future__ import annotations
@@ -22,18 +48,36 @@ import json
 import math
 import random
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from email.utils import format_datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from orchestrator import logs
-from orchestrator.aep.simulator_catalog import Catalog, Refusal, bad_request, create_problem, problem
+from orchestrator.aep.simulator_catalog import (
+    Catalog,
+    Refusal,
+    bad_request,
+    create_problem,
+    not_found,
+    problem,
+    processing_outcome,
+)
 from orchestrator.aep.simulator_config import SimulatorConfig, add_arguments, config_from_args
+from orchestrator.aep.simulator_files import (
+    CHUNK,
+    FileStore,
+    StoredFile,
+    bad_file_path,
+    describe,
+    parse_content_range,
+)
 from orchestrator.aep.simulator_stats import BatchRecord, SimulatorStats, SlidingWindow
 from orchestrator.clock import Clock, SystemClock
 
@@ -52,7 +96,13 @@ log = logs.get("simulator")
 IMS_PATH = "/ims/token/v3"
 IMPORT_BATCHES_PATH = "/data/foundation/import/batches"
 CATALOG_BATCHES_PATH = "/data/foundation/catalog/batches"
+FILES_PATH = IMPORT_BATCHES_PATH + "/{batch_id}/datasets/{dataset_id}/files/{file_path:.+}"
+OCTET_STREAM = "application/octet-stream"
 DROPPED = "dropped"
+
+# Stats endpoint names by `action` query value; anything else is refused under the fallback name.
+BATCH_ACTIONS = {"COMPLETE": "batches.complete", "ABORT": "batches.abort"}
+FILE_ACTIONS = {"INITIALIZE": "files.initialize", "COMPLETE": "files.complete"}
 
 BAD_GATEWAY_PAGE = "<html><body><h1>502 Bad Gateway</h1></body></html>\n"
 
@@ -72,6 +122,7 @@ class _Call:
     body: bytes
     external_id: str | None
     now: float  # monotonic arrival time
+    streamed: bool = False  # the body is a file's bytes, left unread for the handler to stream
 
 
 def _gateway_error(
@@ -92,6 +143,30 @@ def _drop_connection(request: web.Request) -> web.StreamResponse:
     if transport is not None:
         transport.close()
     return web.Response(status=444, reason="No Response")
+
+
+def _endpoint(request: web.Request, names: Mapping[str, str], fallback: str) -> str:
+    return names.get(request.query.get("action", "").upper(), fallback)
+
+
+async def _body(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body in chunks, as it arrives."""
+    try:
+        async for chunk in request.content.iter_chunked(CHUNK):
+            yield chunk
+    except (ConnectionError, HttpProcessingError) as error:
+        # The client went away or broke the framing: a refusal to answer (if anyone still listens),
+        # not a server error logged with a traceback.
+        raise Refusal(bad_request(f"The request body could not be read: {error}")) from None
+
+
+def _received_range(stored: StoredFile) -> dict[str, str]:
+    """The `Range` header of PATCH and HEAD: what arrived from byte 0 without a gap."""
+    return {"Range": f"bytes=0-{stored.prefix - 1}"} if stored.prefix else {}
+
+
+def _no_such_file() -> web.Response:
+    return problem(404, "NotFoundError", "The batch or dataset resource is not found.")
 
 
 def _external_id_of(endpoint: str, request: web.Request, body: bytes) -> str | None:
@@ -127,6 +202,7 @@ class Simulator:
         self._rng = random.Random(seed)
         self._tokens: dict[str, float] = {}  # token -> monotonic expiry
         self.catalog = Catalog(self._clock, random.Random(None if seed is None else f"ids-{seed}"))
+        self._files = FileStore(self.config.files_dir)
         self._rate_windows: dict[str, SlidingWindow] = {}
         self._second_window = SlidingWindow()
         self._period_window = SlidingWindow()
@@ -136,9 +212,14 @@ class Simulator:
         self.app.router.add_post(IMS_PATH, self._token)
         self.app.router.add_post(IMPORT_BATCHES_PATH, self._create)
         self.app.router.add_post(IMPORT_BATCHES_PATH + "/{batch_id}", self._action)
+        self.app.router.add_put(FILES_PATH, self._file_put)
+        self.app.router.add_patch(FILES_PATH, self._file_patch)
+        self.app.router.add_post(FILES_PATH, self._file_action)
+        self.app.router.add_route("HEAD", FILES_PATH, self._file_head)
         self.app.router.add_get(CATALOG_BATCHES_PATH, self._list)
         self.app.router.add_get(CATALOG_BATCHES_PATH + "/{batch_id}", self._get)
         self.app.router.add_get("/_sim/stats", self._stats)
+        self.app.router.add_get("/_sim/files", self._files_view)
         self.app.router.add_post("/_sim/reset", self._reset)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
@@ -166,6 +247,7 @@ class Simulator:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+        self._files.clear()
 
     async def __aenter__(self) -> Simulator:
         await self.start()
@@ -177,10 +259,11 @@ class Simulator:
         await self.stop()
 
     def reset(self) -> None:
-        """Forget batches, counters, rate windows and Retry-After deadlines; tokens stay valid so a
-        running orchestrator is not logged out."""
+        """Forget batches, their files, counters, rate windows and Retry-After deadlines; tokens
+        stay valid so a running orchestrator is not logged out."""
         self.stats.clear()
         self.catalog.clear()
+        self._files.clear()
         self._rate_windows.clear()
         self._second_window = SlidingWindow()
         self._period_window = SlidingWindow()
@@ -197,6 +280,19 @@ class Simulator:
         """The batch as the catalog holds it now (a copy), or None."""
         batch = self.catalog.get(batch_id)
         return dict(batch) if batch is not None else None
+
+    def files(self, batch_id: str) -> dict[str, dict[str, Any]]:
+        """The batch's files by name: `{"size", "sha256", "complete"}` each (reads them from disk)."""
+        return describe(self.files_of(batch_id))
+
+    def files_of(self, batch_id: str) -> dict[str, StoredFile]:
+        """The batch's files as stored (their `path` on disk included), by name."""
+        return self._files.of(batch_id)
+
+    @property
+    def files_root(self) -> Path | None:
+        """The temporary directory holding the uploaded bytes, once the first upload made it."""
+        return self._files.root
 
     # IMS
 
@@ -243,7 +339,8 @@ class Simulator:
         return await self._platform("batches.create", request, self._do_create)
 
     async def _action(self, request: web.Request) -> web.StreamResponse:
-        return await self._platform("batches.action", request, self._do_action)
+        endpoint = _endpoint(request, BATCH_ACTIONS, "batches.action")
+        return await self._platform(endpoint, request, self._do_action)
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         return await self._platform("batches.get", request, self._do_get)
@@ -251,13 +348,33 @@ class Simulator:
     async def _list(self, request: web.Request) -> web.StreamResponse:
         return await self._platform("batches.list", request, self._do_list)
 
+    async def _file_put(self, request: web.Request) -> web.StreamResponse:
+        return await self._platform("files.put", request, self._do_put, streamed=True)
+
+    async def _file_patch(self, request: web.Request) -> web.StreamResponse:
+        return await self._platform("files.patch", request, self._do_patch, streamed=True)
+
+    async def _file_action(self, request: web.Request) -> web.StreamResponse:
+        endpoint = _endpoint(request, FILE_ACTIONS, "files.action")
+        return await self._platform(endpoint, request, self._do_file_action)
+
+    async def _file_head(self, request: web.Request) -> web.StreamResponse:
+        return await self._platform("files.head", request, self._do_head)
+
     async def _platform(
-        self, endpoint: str, request: web.Request, handler: Callable[[_Call], Awaitable[Answer]]
+        self,
+        endpoint: str,
+        request: web.Request,
+        handler: Callable[[_Call], Awaitable[Answer]],
+        *,
+        streamed: bool = False,
     ) -> web.StreamResponse:
+        """`streamed` endpoints take a file's bytes: the gateway checks, throttling and faults come
+        before any of it is read, and the handler streams it to disk instead of reading it whole."""
         now = self._clock.monotonic()
         self._note_arrival(now)
-        body = await request.read()
-        call = _Call(endpoint, request, body, _external_id_of(endpoint, request, body), now)
+        body = b"" if streamed else await request.read()
+        call = _Call(endpoint, request, body, _external_id_of(endpoint, request, body), now, streamed)
         if call.external_id is not None:
             self._check_early(call)
         answer: Answer | None = self._check_headers(call) or self._throttle(call) or self._failure(call)
@@ -330,6 +447,11 @@ class Simulator:
         if not headers.get("x-sandbox-name", "").strip():
             detail = "The x-sandbox-name header is required"
             return self._reject(call, "sandbox", bad_request(detail))
+        if call.streamed:
+            if call.request.content_type != OCTET_STREAM:
+                detail = "The uploaded file media type isn't supported."
+                return self._reject(call, "content-type", problem(415, "UnsupportedMediaTypeError", detail))
+            return None
         has_body = call.endpoint == "batches.create" or bool(call.body)
         if has_body and call.request.content_type != "application/json":
             detail = "A valid content-type must be specified"
@@ -449,7 +571,178 @@ class Simulator:
         return self.catalog.answer_list(call.request.query)
 
     async def _do_action(self, call: _Call) -> Answer:
-        return self.catalog.answer_action(call.request.match_info["batch_id"], call.request.query)
+        batch_id = call.request.match_info["batch_id"]
+        action = call.request.query.get("action", "").upper()
+        if action == "ABORT":
+            return self.catalog.answer_abort(batch_id)
+        if action == "COMPLETE":
+            return await self._complete_batch(batch_id)
+        return bad_request("action must be COMPLETE or ABORT")
+
+    async def _complete_batch(self, batch_id: str) -> Answer:
+        batch = self.catalog.get(batch_id)
+        if batch is None:
+            return not_found(batch_id)
+        status = batch["status"]
+        if status == "aborted":
+            return bad_request(f"Batch {batch_id} is aborted and cannot be completed")
+        if status != "loading":
+            # Retrying COMPLETE is safe: "the API will return success" (reference §3.1).
+            return web.Response(status=200)
+        reason = self._unfinished(batch_id)
+        if reason is not None:
+            return bad_request(reason)
+        # Out of loading before the files are read, so no upload can slip in while they are.
+        self.catalog.start_processing(batch_id, self.config.processing_time)
+        self.stats.completed_batches += 1
+        try:
+            summary = await self._files.summarize(batch_id)
+        except FileNotFoundError:
+            if self.catalog.get(batch_id) is None:  # a reset removed the batch and its files meanwhile
+                return not_found(batch_id)
+            raise
+        failing = batch["relatedObjects"][0]["id"] in self.config.fail_datasets
+        self.catalog.settle(batch_id, processing_outcome(summary, failing))
+        # The batch-ingestion guide shows an empty 200; the spec's Batch body is not relied on.
+        return web.Response(status=200)
+
+    def _unfinished(self, batch_id: str) -> str | None:
+        """Why the batch cannot be completed yet: "All the files you want to ingest must be
+        uploaded before marking the batch as complete" (reference §3.1)."""
+        if self._files.busy(batch_id):
+            return f"Batch {batch_id} has file uploads in progress"
+        names = sorted(name for name, stored in self._files.of(batch_id).items() if not stored.complete)
+        if names:
+            return f"Batch {batch_id} has files initialized but not completed: {', '.join(names)}"
+        return None
+
+    # Files (reference §2)
+
+    def _file_target(self, call: _Call) -> tuple[str, str, dict[str, Any]]:
+        """The batch id, file name and batch of a file call; refuses a bad file path (400), an
+        unknown batch or a dataset that is not the batch's (404)."""
+        info = call.request.match_info
+        batch_id, name = info["batch_id"], info["file_path"]
+        reason = bad_file_path(name)
+        if reason is not None:
+            raise Refusal(bad_request(reason))
+        batch = self.catalog.get(batch_id)
+        if batch is None or batch["relatedObjects"][0]["id"] != info["dataset_id"]:
+            raise Refusal(_no_such_file())
+        return batch_id, name, batch
+
+    def _require_loading(self, call: _Call, batch: dict[str, Any]) -> None:
+        status = batch["status"]
+        if status == "loading":
+            return
+        self.stats.uploads_after_complete += 1
+        log.debug("simulator.upload_refused", endpoint=call.endpoint, batch_id=batch["id"], status=status)
+        raise Refusal(bad_request(f"Batch {batch['id']} is {status}: files can no longer be added"))
+
+    def _upload_fault(self, call: _Call) -> web.Response | None:
+        """`upload_error_rate`: a 500 drawn before anything is stored."""
+        if not self._chance(self.config.upload_error_rate):
+            return None
+        self._fault("upload_error", call.endpoint)
+        return problem(500, "InternalServerError", "An internal server error has occurred.")
+
+    async def _do_put(self, call: _Call) -> Answer:
+        fault = self._upload_fault(call)
+        if fault is not None:
+            return fault
+        batch_id, name, batch = self._file_target(call)
+        self._require_loading(call, batch)
+        with self._files.uploading(batch_id):
+            path, size = await self._files.receive(batch_id, _body(call.request))
+            try:
+                # The batch may have been aborted or forgotten while the bytes arrived.
+                self._require_loading(call, self._file_target(call)[2])
+            except Refusal:
+                self._files.discard(path)
+                raise
+            replaced = self._files.store(batch_id, name, path, size)
+        self.stats.files_stored += 1
+        log.debug("simulator.file_stored", batch_id=batch_id, name=name, size=size, replaced=replaced)
+        return web.Response(status=200 if replaced else 201)
+
+    async def _do_file_action(self, call: _Call) -> Answer:
+        action = call.request.query.get("action", "").upper()
+        if action not in FILE_ACTIONS:
+            return bad_request("action must be INITIALIZE or COMPLETE")
+        fault = self._upload_fault(call)
+        if fault is not None:
+            return fault
+        batch_id, name, batch = self._file_target(call)
+        if action == "INITIALIZE":
+            self._require_loading(call, batch)
+            self._files.initialize(batch_id, name)
+            log.debug("simulator.file_initialized", batch_id=batch_id, name=name)
+            return web.Response(status=201)
+        return self._complete_file(batch_id, name, batch)
+
+    def _complete_file(self, batch_id: str, name: str, batch: dict[str, Any]) -> Answer:
+        stored = self._files.get(batch_id, name)
+        if stored is None:
+            return bad_request(f"File {name} was not initialized")
+        if stored.complete:
+            return web.Response(status=200)  # a retry, or a small file: finished already
+        if batch["status"] != "loading":
+            return bad_request(f"Batch {batch_id} is {batch['status']}: files can no longer be added")
+        reason = self._files.finish(stored)
+        if reason is not None:
+            return bad_request(f"File {name} cannot be completed: {reason}")
+        self.stats.files_stored += 1
+        log.debug("simulator.file_completed", batch_id=batch_id, name=name, size=stored.size)
+        return web.Response(status=200)
+
+    def _part(self, call: _Call, stored: StoredFile | None, name: str) -> tuple[StoredFile, int, int]:
+        """The file and byte range [start, end) a PATCH writes; refuses (400) what can be refused
+        before its body is read."""
+        if stored is None or not stored.large:
+            raise Refusal(bad_request(f"File {name} was not initialized: POST ?action=INITIALIZE first"))
+        if stored.complete:
+            raise Refusal(bad_request(f"File {name} is already complete"))
+        try:
+            start, end, total = parse_content_range(call.request.headers.get("Content-Range"))
+        except ValueError as error:
+            raise Refusal(bad_request(str(error))) from None
+        if stored.total is not None and total is not None and total != stored.total:
+            detail = f"Content-Range announces {total} bytes; earlier parts announced {stored.total}"
+            raise Refusal(bad_request(detail))
+        size = stored.total if total is None else total
+        if size is not None and max(end, stored.size) > size:
+            raise Refusal(bad_request(f"Content-Range goes past the file's size of {size} bytes"))
+        length = call.request.content_length
+        if length is not None and length != end - start:
+            raise Refusal(bad_request(f"The body has {length} bytes; the Content-Range says {end - start}"))
+        if total is not None:
+            stored.total = total
+        return stored, start, end
+
+    async def _do_patch(self, call: _Call) -> Answer:
+        fault = self._upload_fault(call)
+        if fault is not None:
+            return fault
+        batch_id, name, batch = self._file_target(call)
+        self._require_loading(call, batch)
+        stored, start, end = self._part(call, self._files.get(batch_id, name), name)
+        with self._files.uploading(batch_id):
+            # Without a Content-Length (chunked) the length is known only once the body is read.
+            length = await self._files.write_part(stored, start, end, _body(call.request))
+        if length != end - start:
+            return bad_request(f"The body has {length} bytes; the Content-Range says {end - start}")
+        if self._files.get(batch_id, name) is not stored:
+            return bad_request(f"File {name} was initialized again while this part was uploading")
+        self._require_loading(call, self._file_target(call)[2])
+        received = sum(b - a for a, b in stored.received)
+        return web.json_response({"name": name, "sizeInBytes": received}, headers=_received_range(stored))
+
+    async def _do_head(self, call: _Call) -> Answer:
+        batch_id, name, _ = self._file_target(call)
+        stored = self._files.get(batch_id, name)
+        if stored is None:
+            return _no_such_file()
+        return web.Response(status=200, headers=_received_range(stored))
 
     # The simulator's own endpoints.
 
@@ -471,6 +764,20 @@ class Simulator:
             }
         )
 
+    async def _files_view(self, request: web.Request) -> web.StreamResponse:
+        """Every batch with files: `{batchId: {"datasetId", "status", "files": {name: {"size",
+        "sha256", "complete"}}}}`."""
+        snapshot = {batch_id: self._files.of(batch_id) for batch_id in self._files.batch_ids()}
+        # Hashing reads every file: off the event loop, on a snapshot the loop will not change.
+        described = await asyncio.to_thread(lambda: {key: describe(files) for key, files in snapshot.items()})
+        view: dict[str, Any] = {}
+        for batch_id, files in described.items():
+            batch = self.catalog.get(batch_id)
+            if batch is not None and files:
+                dataset_id = batch["relatedObjects"][0]["id"]
+                view[batch_id] = {"datasetId": dataset_id, "status": batch["status"], "files": files}
+        return web.json_response(view)
+
     async def _reset(self, request: web.Request) -> web.StreamResponse:
         self.reset()
         log.info("simulator.reset")
@@ -481,8 +788,9 @@ def _describe(config: SimulatorConfig) -> dict[str, Any]:
     """The settings that differ from the defaults, for the start-up log line (never the secret)."""
     defaults = asdict(SimulatorConfig())
     changed = {k: v for k, v in asdict(config).items() if v != defaults[k] and k != "client_secret"}
-    if "unknown_datasets" in changed:
-        changed["unknown_datasets"] = sorted(config.unknown_datasets)
+    for name in ("unknown_datasets", "fail_datasets"):
+        if name in changed:
+            changed[name] = sorted(changed[name])
     return changed
 
 

@@ -1,5 +1,6 @@
 """The simulator's batch store and the answers of the batch and catalog endpoints that read or
-change it. Faults, headers and throttling are `simulator.py`'s; this module only knows batches."""
+change it, including a completed batch's processing and outcome. Faults, headers, throttling and
+files are `simulator.py`'s and `simulator_files.py`'s; this module only knows batches."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from orchestrator import logs
 from orchestrator.aep.api import DEAD_STATUSES
+from orchestrator.aep.simulator_files import Summary
 from orchestrator.clock import Clock
 
 log = logs.get("simulator")
@@ -79,6 +81,33 @@ def create_problem(body: Any, unknown_datasets: frozenset[str]) -> str | None:
     return None
 
 
+def processing_outcome(summary: Summary, schema_mismatch: bool) -> dict[str, Any]:
+    """The fields a completed batch takes when processing ends. An empty batch or file fails with
+    the documented code 106 (reference §3.3); a dataset configured to fail rejects every record."""
+    records = summary.record_count
+    error: dict[str, Any] | None = None
+    if summary.file_count == 0 or summary.empty_files:
+        error = {"code": "106", "description": "Dataset file is empty. Please upload file with data."}
+    elif schema_mismatch:
+        description = f"Encountered {records} errors in the data: records do not match the dataset's schema"
+        error = {"code": "INGEST-1212-400", "description": description}
+    metrics = {
+        "inputFileCount": summary.file_count,
+        "inputByteSize": summary.byte_size,
+        # A failed batch promotes nothing.
+        "outputRecordCount": 0 if error else records,
+    }
+    if error is None:
+        return {"status": "success", "recordCount": records, "failedRecordCount": 0, "metrics": metrics}
+    return {
+        "status": "failed",
+        "recordCount": records,
+        "failedRecordCount": records,
+        "metrics": metrics,
+        "errors": [{**error, "rows": []}],
+    }
+
+
 def _int_param(query: Mapping[str, str], name: str, default: int, low: int, high: int | None) -> int:
     text = query.get(name)
     if text is None:
@@ -118,6 +147,9 @@ class _Stored:
     batch: dict[str, Any]
     seq: int
     visible_at: float  # monotonic time from which catalog lists show it
+    settles_at: float | None = None  # monotonic time at which processing ends
+    settled_ms: int = 0  # the `updated` time it will then show, Unix milliseconds
+    outcome: dict[str, Any] | None = None  # the fields processing will set
 
 
 def _field(name: str) -> Callable[[_Stored], Any]:
@@ -134,18 +166,23 @@ class Catalog:
         # Look-ups by externalId are the orchestrator's hot path; a benchmark holds many batches.
         self._by_external_id: dict[str, list[_Stored]] = {}
         self._seq = 0
+        self._processing: dict[str, _Stored] = {}
 
     def clear(self) -> None:
         self._batches.clear()
         self._by_external_id.clear()
+        self._processing.clear()
 
     def get(self, batch_id: str) -> dict[str, Any] | None:
+        """The batch as it is now (processing ended if its time came), or None."""
+        self._settle_due()
         stored = self._batches.get(batch_id)
         return stored.batch if stored is not None else None
 
     def live_per_external_id(self) -> dict[str, list[str]]:
         """The ids of the batches not aborted, failed or otherwise gone, by externalId, oldest first:
         what "exactly one live batch per request" is judged by."""
+        self._settle_due()
         return {
             external_id: [item.batch["id"] for item in stored if item.batch["status"] not in DEAD_STATUSES]
             for external_id, stored in self._by_external_id.items()
@@ -194,10 +231,10 @@ class Catalog:
         return batch
 
     def answer_get(self, batch_id: str, query: Mapping[str, str]) -> web.Response:
-        stored = self._batches.get(batch_id)
-        if stored is None:
+        batch = self.get(batch_id)
+        if batch is None:
             return not_found(batch_id)
-        return web.json_response({batch_id: _select(stored.batch, query.get("properties"))})
+        return web.json_response({batch_id: _select(batch, query.get("properties"))})
 
     def answer_list(self, query: Mapping[str, str]) -> web.Response:
         """`GET /catalog/batches`: filters combine as AND; a batch younger than the catalog lag
@@ -210,6 +247,7 @@ class Catalog:
             "dataSet": query.get("dataSet"),
             "status": (query.get("status") or "").lower() or None,
         }
+        self._settle_due()
         now = self._clock.monotonic()
         external_id = wanted["externalId"]
         candidates = (
@@ -233,30 +271,49 @@ class Catalog:
         page = found[start : start + limit]
         return web.json_response({s.batch["id"]: _select(s.batch, properties) for s in page})
 
-    def answer_action(self, batch_id: str, query: Mapping[str, str]) -> web.Response:
-        action = query.get("action", "").upper()
-        if action not in ("COMPLETE", "ABORT"):
-            return bad_request("action must be COMPLETE or ABORT")
+    def answer_abort(self, batch_id: str) -> web.Response:
+        """ABORT: a loading or processing batch can still be cancelled; a finalized one (success or
+        failed) cannot (reference §3.2). Aborting again is a success, as retries must be."""
         stored = self._batches.get(batch_id)
         if stored is None:
             return not_found(batch_id)
+        self._settle_due()
         batch = stored.batch
-        # Retrying an action that already happened is a success (reference §3.1); crossing from
-        # one final state to the other is not.
-        if action == "COMPLETE":
-            if batch["status"] == "aborted":
-                return bad_request(f"Batch {batch_id} is aborted and cannot be completed")
-            new_status = "success"
-        else:
-            if batch["status"] == "success":
-                return bad_request(f"Batch {batch_id} is finalized and cannot be aborted")
-            new_status = "aborted"
-        if batch["status"] != new_status:
-            now = self._now_ms()
-            batch["status"] = new_status
-            batch["updated"] = now
-            if new_status == "success":
-                batch["completed"] = now
-            log.debug("simulator.batch_" + new_status, batch_id=batch_id)
+        if batch["status"] in ("success", "failed"):
+            return bad_request(f"Batch {batch_id} is finalized and cannot be aborted")
+        if batch["status"] != "aborted":
+            batch["status"] = "aborted"
+            batch["updated"] = self._now_ms()
+            self._processing.pop(batch_id, None)
+            log.debug("simulator.batch_aborted", batch_id=batch_id)
         # The batch-ingestion guide shows an empty 200; the spec's Batch body is not relied on.
         return web.Response(status=200)
+
+    def start_processing(self, batch_id: str, delay: float) -> None:
+        """COMPLETE accepted: the batch is `processing` until `settle` has told its outcome and
+        `delay` seconds have passed on the monotonic clock."""
+        stored = self._batches[batch_id]
+        now = self._now_ms()
+        stored.batch.update(status="processing", completed=now, updated=now)
+        stored.settles_at = self._clock.monotonic() + delay
+        stored.settled_ms = now + round(delay * 1000)
+        self._processing[batch_id] = stored
+        log.debug("simulator.batch_processing", batch_id=batch_id)
+
+    def settle(self, batch_id: str, outcome: Mapping[str, Any]) -> None:
+        """The fields the batch takes when its processing ends (status included); ignored when it
+        was aborted or forgotten meanwhile."""
+        stored = self._processing.get(batch_id)
+        if stored is not None:
+            stored.outcome = dict(outcome)
+
+    def _settle_due(self) -> None:
+        """Processing ends lazily, when a batch is next read: no timers to cancel or to race."""
+        now = self._clock.monotonic()
+        for batch_id, stored in list(self._processing.items()):
+            if stored.outcome is None or stored.settles_at is None or stored.settles_at > now:
+                continue
+            del self._processing[batch_id]
+            stored.batch.update(stored.outcome)
+            stored.batch["updated"] = stored.settled_ms
+            log.debug("simulator.batch_" + str(stored.batch["status"]), batch_id=batch_id)

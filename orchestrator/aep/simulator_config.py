@@ -19,6 +19,7 @@ _FRACTIONS = (
     "drop_after_rate",
     "slow_rate",
     "ims_error_rate",
+    "upload_error_rate",
 )
 _NON_NEGATIVE = (
     "latency",
@@ -27,6 +28,7 @@ _NON_NEGATIVE = (
     "catalog_lag",
     "unavailable_retry_after",
     "throttle_retry_after",
+    "processing_time",
 )
 
 
@@ -36,6 +38,8 @@ class SimulatorConfig:
 
     Rates are fractions of calls in [0, 1], drawn from one random source seeded by `seed`; times are
     seconds. Faults touch only the Platform endpoints; IMS fails only through `ims_error_rate`.
+    Uploaded files go to a temporary directory made inside `files_dir` (the system's temporary
+    directory when None), read once when the simulator is built; it is removed at stop and reset.
     """
 
     client_id: str = "sim-client"
@@ -60,6 +64,10 @@ class SimulatorConfig:
     unknown_datasets: frozenset[str] = frozenset()
     catalog_lag: float = 0.0
     ims_error_rate: float = 0.0
+    upload_error_rate: float = 0.0
+    processing_time: float = 0.5
+    fail_datasets: frozenset[str] = frozenset()
+    files_dir: str | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -148,6 +156,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--unknown-dataset", action="append", default=[], metavar="ID", help="answered 400 (repeatable)")
     add("--catalog-lag", type=_non_negative, default=d.catalog_lag, help="seconds before lists see a batch")
     add("--ims-error-rate", type=_fraction, default=d.ims_error_rate, help="fraction of IMS calls 503")
+    add(
+        "--upload-error-rate",
+        type=_fraction,
+        default=d.upload_error_rate,
+        help="fraction of file PUT/PATCH/INITIALIZE/COMPLETE answered 500, nothing stored",
+    )
+    add(
+        "--processing-time",
+        type=_non_negative,
+        default=d.processing_time,
+        help="seconds a completed batch stays processing (default: %(default)s)",
+    )
+    add("--fail-dataset", action="append", default=[], metavar="ID", help="its batches fail (repeatable)")
+    add("--files-dir", default=d.files_dir, metavar="DIR", help="where uploads go (default: system temp)")
     add("--seed", type=int, default=None, help="seed of the fault and id random source")
 
 
@@ -155,4 +177,5 @@ def config_from_args(args: argparse.Namespace) -> SimulatorConfig:
     """Build the configuration from `add_arguments`' flags; `--host`/`--port` stay with the caller."""
     values = {f.name: getattr(args, f.name) for f in fields(SimulatorConfig) if hasattr(args, f.name)}
     values["unknown_datasets"] = frozenset(getattr(args, "unknown_dataset", None) or ())
+    values["fail_datasets"] = frozenset(getattr(args, "fail_dataset", None) or ())
     return SimulatorConfig(**values)

@@ -50,7 +50,15 @@ class SimulatorStats:
 
     `calls` counts every IMS and Platform call by (endpoint, status); the status is the HTTP status
     as text, or "dropped" when the connection was closed without an answer. Endpoints are
-    `ims.token`, `batches.create`, `batches.get`, `batches.list` and `batches.action`.
+    `ims.token`, `batches.create`, `batches.get`, `batches.list`, `batches.complete`,
+    `batches.abort`, `batches.action` (an action neither COMPLETE nor ABORT), `files.put`,
+    `files.initialize`, `files.patch`, `files.head`, `files.complete` and `files.action` (a file
+    action neither INITIALIZE nor COMPLETE).
+
+    `uploads_after_complete` counts PUT, INITIALIZE and PATCH calls refused because their batch
+    was no longer loading; `files_stored` counts files that became finished (a small file stored,
+    a large one completed; a replaced file counts again); `completed_batches` counts batches that
+    COMPLETE moved out of loading.
     """
 
     tokens_issued: int = 0
@@ -68,6 +76,9 @@ class SimulatorStats:
     batches_per_dataset: Counter[str] = field(default_factory=Counter)
     max_calls_per_second: int = 0
     max_calls_per_period: int = 0
+    uploads_after_complete: int = 0
+    files_stored: int = 0
+    completed_batches: int = 0
 
     def clear(self) -> None:
         """Back to zero in place, so references held by tests stay live."""
@@ -118,4 +129,7 @@ class SimulatorStats:
             "duplicate_external_ids": self.duplicate_external_ids,
             "max_calls_per_second": self.max_calls_per_second,
             "max_calls_per_period": self.max_calls_per_period,
+            "uploads_after_complete": self.uploads_after_complete,
+            "files_stored": self.files_stored,
+            "completed_batches": self.completed_batches,
         }
