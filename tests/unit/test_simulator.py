@@ -429,11 +429,16 @@ async def test_catalog_lag_hides_new_batches_from_lists_only(
 
 
 async def test_complete_and_abort_move_the_status(session: aiohttp.ClientSession, start: Start) -> None:
-    simulator, url = await start()
+    clock = ManualClock()
+    simulator, url = await start(clock, processing_time=1.0)
     token = await fetch_token(session, url)
     _, first, _ = await create(session, url, token, {"datasetId": DATASET})
     _, second, _ = await create(session, url, token, {"datasetId": DATASET})
     headers = platform_headers(token)
+    file_headers = {**headers, "Content-Type": "application/octet-stream"}
+    file_url = f"{url}{CREATE}/{first['id']}/datasets/{DATASET}/files/data.json"
+    async with session.put(file_url, data=b'{"a": 1}\n', headers=file_headers) as resp:
+        assert resp.status == 201
 
     async def act(batch_id: str, action: str) -> int:
         async with session.post(
@@ -443,6 +448,8 @@ async def test_complete_and_abort_move_the_status(session: aiohttp.ClientSession
 
     assert await act(first["id"], "COMPLETE") == 200
     assert await act(first["id"], "COMPLETE") == 200  # retrying COMPLETE is safe
+    assert (simulator.batch(first["id"]) or {})["status"] == "processing"
+    clock.advance(1.0)
     assert (simulator.batch(first["id"]) or {})["status"] == "success"
     assert await act(first["id"], "ABORT") == 400
     assert await act(second["id"], "ABORT") == 200
