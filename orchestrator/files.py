@@ -53,7 +53,10 @@ class Source:
         """`length` bytes from `start` (to the end by default), a chunk at a time. Opens the file
         anew on each call, so a call that is sent again reads it again."""
         remaining = self.size - start if length is None else length
-        handle = await asyncio.to_thread(self._open)
+        try:
+            handle = await asyncio.to_thread(self._open)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            raise SourceError(f"{self.ref.source}: {exc.strerror or type(exc).__name__}") from None
         try:
             if start:
                 await asyncio.to_thread(handle.seek, start)
@@ -124,7 +127,8 @@ class FileSources:
                 )
             return self._inside(Path(unquote(urlsplit(ref.source).path)), where), None
         _filesystem(protocol, where)
-        return None, ref.source
+        # fsspec knows protocols in lower case only; the scheme is case-insensitive (RFC 3986).
+        return None, protocol + ref.source[len(protocol) :]
 
     def _inside(self, path: Path, where: str) -> Path:
         assert self._root is not None

@@ -442,8 +442,9 @@ def _batch_state(status: str, entry: dict[str, Any]) -> BatchState:
     metrics = entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}
     assert isinstance(metrics, dict)
     records = _count(entry.get("recordCount"))
-    if records is None:
-        records = _count(metrics.get("outputRecordCount")) or _count(metrics.get("inputRecordCount"))
+    for key in ("outputRecordCount", "inputRecordCount"):
+        if records is None:
+            records = _count(metrics.get(key))  # an output of 0 records is an answer, not a gap
     failed = _count(entry.get("failedRecordCount"))
     if failed is None:
         failed = _count(metrics.get("failedRecordCount"))

@@ -29,7 +29,7 @@ from orchestrator.files import FileSources, SourceError
 from orchestrator.observe import NULL, Observer
 from orchestrator.pipeline.leases import LeaseKeeper
 from orchestrator.pipeline.retry import RetryPolicy
-from orchestrator.pipeline.transfer import FileRestart, LeaseLost, Transfer, batch_of, written
+from orchestrator.pipeline.transfer import FileRestart, LeaseLost, Progress, Transfer, batch_of, written
 from orchestrator.settings import TrackSettings, UploadSettings
 from orchestrator.store.base import Stage, StageStore, State, Step
 from orchestrator.store.outage import StoreOutage, describe
@@ -148,6 +148,8 @@ class UploadStage:
                 await sleep_until_set(self._clock, 2.0, stop)
                 continue
             now = self._clock.now()
+            # A step finishing may have scheduled a retry sooner than the wait below: it wakes us.
+            self._slot_freed.clear()
             try:
                 stages = await self._store.claim_stages(self._owner, limit, self._lease_seconds, now)
                 due = None if stages else await self._store.next_stage_due()
@@ -159,8 +161,9 @@ class UploadStage:
                 return stages
             wait = self._poll_interval
             if due is not None:
-                wait = max(0.0, min(wait, (due - now).total_seconds()))
-            await sleep_until_set(self._clock, wait, stop)
+                # From the time now, not the claim's: the queries took some of it.
+                wait = max(0.0, min(wait, (due - self._clock.now()).total_seconds()))
+            await sleep_until_set(self._clock, wait, stop, self._slot_freed)
         return []
 
     # --- one step of one request ----------------------------------------------------------------
@@ -176,9 +179,10 @@ class UploadStage:
         ):
             if stage.taken_over:
                 log.warning("stage.lease_taken_over")
+            progress = Progress()
             try:
                 if stage.step is Step.UPLOAD:
-                    await self._upload(stage)
+                    await self._upload(stage, progress)
                 else:
                     await self._poll(stage)
             except asyncio.CancelledError:
@@ -189,10 +193,12 @@ class UploadStage:
             except LeaseLost:
                 log.warning("stage.lease_lost")
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                await asyncio.shield(self._failed(stage, exc))
+                # Failures in a row: counted from this one when the step got somewhere first.
+                attempt = 1 if progress.made else stage.attempts + 1
+                await asyncio.shield(self._failed(stage, exc, attempt))
 
-    async def _upload(self, stage: Stage) -> None:
-        await self._transfer.send_all(stage)
+    async def _upload(self, stage: Stage, progress: Progress) -> None:
+        await self._transfer.send_all(stage, progress)
         batch_id = batch_of(stage)
         await self._api.complete_batch(batch_id)
         now = self._clock.now()
@@ -281,15 +287,15 @@ class UploadStage:
 
     # --- failures ---------------------------------------------------------------------------------
 
-    async def _failed(self, stage: Stage, exc: Exception) -> None:
+    async def _failed(self, stage: Stage, exc: Exception, attempt: int) -> None:
         try:
-            await self._record_failure(stage, exc)
+            await self._record_failure(stage, exc, attempt)
         except LeaseLost:
             log.warning("stage.lease_lost")
         except Exception as error:  # noqa: BLE001 - the lease then runs out and the step is taken over
             log.error("stage.outcome_not_recorded", error=describe(error))
 
-    async def _record_failure(self, stage: Stage, exc: Exception) -> None:
+    async def _record_failure(self, stage: Stage, exc: Exception, attempt: int) -> None:
         now = self._clock.now()
         if isinstance(exc, SourceError):
             await self._give_up(stage, f"file: {exc}", now)
@@ -298,7 +304,7 @@ class UploadStage:
             log.error("stage.unexpected_error", exc_info=exc)
         cause = exc.__cause__ if isinstance(exc, FileRestart) else exc
         decision = self._policy.decide(
-            cause if isinstance(cause, Exception) else exc, stage.attempts + 1, now, creating=False
+            cause if isinstance(cause, Exception) else exc, attempt, now, creating=False
         )
         error = exc.summary() if isinstance(exc, AepError) else f"{type(exc).__name__}: {exc}"[:500]
         if decision.kind == "fail" and not isinstance(exc, FileRestart):

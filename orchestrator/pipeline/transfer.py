@@ -34,6 +34,14 @@ class FileRestart(Exception):
 
 
 @dataclass
+class Progress:
+    """Whether a step got anywhere (a file or a part AEP confirmed): the step's failures in a row
+    then count from its next failure, not from before."""
+
+    made: bool = False
+
+
+@dataclass
 class TransferStats:
     files: int = 0
     bytes: int = 0
@@ -58,19 +66,19 @@ class Transfer:
         self._part_size = part_size
         self.stats = TransferStats()
 
-    async def send_all(self, stage: Stage) -> None:
+    async def send_all(self, stage: Stage, progress: Progress) -> None:
         """Every file of `stage` not yet done, in order."""
         for file in stage.files:
             if not file.done:
                 with structlog.contextvars.bound_contextvars(file=file.name):
-                    await self._send(stage, file)
+                    await self._send(stage, file, progress)
 
-    async def _send(self, stage: Stage, file: UploadFile) -> None:
+    async def _send(self, stage: Stage, file: UploadFile, progress: Progress) -> None:
         source = await self._sources.open(FileRef(file.source, file.name))
         started = self._clock.monotonic()
         large = source.size > self._threshold
         if large:
-            await self._send_large(stage, file, source)
+            await self._send_large(stage, file, source, progress)
         else:
             await self._api.put_file(
                 batch_of(stage), stage.record.dataset_id, file.name, source.chunks, source.size
@@ -78,6 +86,7 @@ class Transfer:
         await written(
             self._store.file_progress(stage, file.position, self._clock.now(), size=source.size, done=True)
         )
+        progress.made = True
         self.stats.files += 1
         self.stats.bytes += source.size
         log.info(
@@ -89,7 +98,7 @@ class Transfer:
             files_total=len(stage.files),
         )
 
-    async def _send_large(self, stage: Stage, file: UploadFile, source: Source) -> None:
+    async def _send_large(self, stage: Stage, file: UploadFile, source: Source, progress: Progress) -> None:
         batch, dataset, name, size = batch_of(stage), stage.record.dataset_id, file.name, source.size
         received = await self._api.file_received(batch, dataset, name) if file.initialized else None
         if received is None or received > size:
@@ -113,6 +122,7 @@ class Transfer:
             await written(
                 self._store.file_progress(stage, file.position, self._clock.now(), bytes_sent=received)
             )
+            progress.made = True
             log.info("upload.part_uploaded", bytes_sent=received, size=size)
         try:
             await self._api.complete_file(batch, dataset, name)

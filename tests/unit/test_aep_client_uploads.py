@@ -306,11 +306,6 @@ async def test_batch_state_without_counts(mock: aioresponses, client: AepClient)
     assert (state.record_count, state.failed_record_count) == (None, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.py _batch_state: `_count(output) or _count(input)` treats an outputRecordCount of 0 "
-    "as missing and reports the inputRecordCount instead",
-)
 async def test_batch_state_keeps_an_output_count_of_zero(mock: aioresponses, client: AepClient) -> None:
     entry = {"status": "failed", "metrics": {"outputRecordCount": 0, "inputRecordCount": 100}}
     mock.get(STATUS_URL, status=200, payload={BATCH: entry})

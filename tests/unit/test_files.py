@@ -224,11 +224,6 @@ async def test_a_memory_directory_cannot_be_opened(memory: fsspec.AbstractFileSy
         await FileSources(None, ["memory"]).open(file_ref(f"memory:/{MEMORY_DIR}/dir"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="files.py: check() lowercases the protocol, but open() hands the URL to fsspec as written, "
-    "which does not know MEMORY:// (or S3://) and raises ValueError, not SourceError",
-)
 async def test_a_url_accepted_by_check_can_be_opened_whatever_its_case(
     memory: fsspec.AbstractFileSystem,
 ) -> None:
