@@ -297,7 +297,9 @@ class Dispatcher:
         with structlog.contextvars.bound_contextvars(
             request_id=record.request_id, dataset_id=record.dataset_id, attempt=claim.attempt
         ):
-            if record.state is State.CREATED:
+            if record.state.final:
+                # Only a reconciliation claims a request that has its batch (created, or on in
+                # the upload stage): one more look-up, never a create.
                 await self._reconciler.reconcile(claim)
                 return
             settle_until = record.settle_until

@@ -504,7 +504,9 @@ class SqlBatchStore(LifecycleQueries):
         values: dict[str, Any] = {"reconcile_at": retry_at}
         if failed:
             values["reconcile_tries"] = batch_request.c.reconcile_tries + 1
-        to_state = State.CREATED if detail is not None else None
+        # A trail row in the state the request is in (created, or on in the upload stage), which
+        # this does not change: no arrival, so no event and no new lifecycle.
+        to_state = claim.record.state if detail is not None else None
         return await self._finish(claim, now, values, to_state, detail)
 
     async def lease_owners(self) -> set[str]:
