@@ -424,6 +424,11 @@ def batches_table(records: Sequence[BatchRecord], width: int) -> Table:
         error = record.last_error or ""
         updated = record.updated_at  # UTC, as the store keeps every time
         tries = f"{record.attempts} {'try' if record.attempts == 1 else 'tries'}" if record.attempts else ""
+        life = record.lifecycle
+        if life is not None and life.files_total:
+            # The upload stage: its step while under way, the files in of total.
+            step = "" if life.step == "done" else f"{life.step}, "
+            tries = f"{tries} · {step}files {life.files_done}/{life.files_total}".lstrip(" ·")
         rows.append(
             [
                 cell(record.request_id),

@@ -64,6 +64,7 @@ class Metrics:
         r = self.registry
         self._requests = Counter(
             "orchestrator_requests",
+            # succeeded and batch_failed: AEP's final word on the batch of a request with files.
             "Requests that reached a final state, by outcome",
             ["outcome"],
             registry=r,
@@ -132,7 +133,7 @@ class Metrics:
             "orchestrator_events_waiting", "Batch events in the outbox, not yet published", registry=r
         )
         # Series that exist from the start, so a rate() over them is defined before the first event.
-        for outcome in ("created", "adopted", "failed"):
+        for outcome in ("created", "adopted", "failed", "succeeded", "batch_failed"):
             self._requests.labels(outcome)
         for result in ("accepted", "duplicate", "conflict", "rejected"):
             self._messages.labels(result)

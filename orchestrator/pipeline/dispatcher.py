@@ -31,7 +31,7 @@ from orchestrator.owners import died_here
 from orchestrator.pipeline.reconcile import Reconciler
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
 from orchestrator.pipeline.stats import DispatchStats
-from orchestrator.store.base import BatchStore, Claim, State
+from orchestrator.store.base import BatchStore, Claim
 from orchestrator.store.outage import NotRecorded, StoreOutage, describe
 
 log = logs.get("dispatcher")
