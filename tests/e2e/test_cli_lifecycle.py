@@ -65,7 +65,9 @@ async def test_files_are_uploaded_completed_and_followed_to_aeps_final_word(tmp_
         for index in range(24):
             files[f"r{index}"] = write_files(root, index)
             dataset = FAILING if index < 3 else f"ds{index}"
-            lines.append(json.dumps({"datasetId": dataset, "requestId": f"r{index}", "files": files[f"r{index}"]}))
+            lines.append(
+                json.dumps({"datasetId": dataset, "requestId": f"r{index}", "files": files[f"r{index}"]})
+            )
         lines += [json.dumps({"datasetId": f"plain{n}", "requestId": f"plain{n}"}) for n in range(3)]
         lines.append(json.dumps({"datasetId": "ds-x", "requestId": "escape", "files": ["../outside.json"]}))
         enqueued = await run(["enqueue", "--file", "-"], env, tmp_path, stdin="\n".join(lines).encode())
@@ -134,7 +136,9 @@ async def test_kill_9_mid_upload_then_restart_resumes_and_never_sends_into_a_com
             json.dumps({"datasetId": f"ds{index}", "requestId": f"r{index}", "files": [name]})
             for index, name in enumerate(sizes)
         ]
-        assert (await run(["enqueue", "--file", "-"], env, tmp_path, stdin="\n".join(lines).encode())).code == 0
+        assert (
+            await run(["enqueue", "--file", "-"], env, tmp_path, stdin="\n".join(lines).encode())
+        ).code == 0
 
         service = await start(["run"], env, tmp_path)
 
