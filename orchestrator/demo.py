@@ -36,9 +36,15 @@ def dataset_id(index: int) -> str:
     return hashlib.sha256(f"demo-dataset-{index}".encode()).hexdigest()[:24]
 
 
-def demo_messages(count: int) -> list[bytes]:
+# One request in this many names two files (written under `files_root`), which are uploaded, the batch
+# completed and followed to AEP's final word.
+FILES_EVERY = 30
+
+
+def demo_messages(count: int, files_root: Path | None = None) -> list[bytes]:
     """Bare ids, JSON messages with requestIds and formats, and (given two or more) one request sent
-    twice: the second message, the first with a requestId."""
+    twice: the second message, the first with a requestId. With `files_root`, one request in
+    FILES_EVERY also names two files, written there."""
     if count < 1:
         raise ValueError("the demo needs at least one request")
     bodies: list[bytes] = []
@@ -52,10 +58,25 @@ def demo_messages(count: int) -> list[bytes]:
                 "inputFormat": {"format": ("json", "parquet", "csv")[index % 3]},
                 "tags": {"source": ["demo"]},
             }
+            if files_root is not None and index % FILES_EVERY == 4:
+                message["inputFormat"] = {"format": "json"}
+                message["files"] = _demo_files(files_root, index)
             bodies.append(json.dumps(message).encode())
     if count > 1:
         bodies.append(bodies[1])  # the same request again: still one batch
     return bodies
+
+
+def _demo_files(root: Path, index: int) -> list[str]:
+    """Two small JSON files of request `index`, in partition folders (their names in AEP)."""
+    names = []
+    for part, rows in (("a", 3), ("b", 2)):
+        name = f"request-{index}/part={part}/rows.json"
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps({"request": index, "row": row}) + "\n" for row in range(rows)))
+        names.append(name)
+    return names
 
 
 def command_name(
@@ -104,6 +125,8 @@ async def _demo(base: Settings, count: int) -> int:
             latency_jitter=0.02,
             error_rate=0.03,
             drop_after_rate=0.01,
+            upload_error_rate=0.05,
+            processing_time=0.3,
             catalog_lag=0.5,  # the catalog lists a new batch half a second late, as AEP's does (later)
             seed=7,
         )
@@ -111,7 +134,7 @@ async def _demo(base: Settings, count: int) -> int:
         url = await simulator.start()
         try:
             settings = _demo_settings(base, url, sim_config)
-            bodies = demo_messages(count)
+            bodies = demo_messages(count, settings.upload.root)
             await publish_to(settings.queue.url, settings.queue.name, bodies)
             console.print(
                 f"[bold]Simulator[/] at {url}; enqueued {len(bodies)} messages "
@@ -158,7 +181,13 @@ def _demo_settings(base: Settings, url: str, sim: SimulatorConfig) -> Settings:
     queue = base.queue.model_copy(update={"url": f"sqlite:///{DEMO_DIR}/queue.db"})
     store = base.store.model_copy(update={"url": f"sqlite:///{DEMO_DIR}/orchestrator.db"})
     http = base.http.model_copy(update={"port": 0})
-    return base.model_copy(update={"aep": aep, "queue": queue, "store": store, "http": http})
+    files = DEMO_DIR / "files"
+    files.mkdir(parents=True, exist_ok=True)
+    upload = base.upload.model_copy(update={"root": files})
+    track = base.track.model_copy(update={"poll_min": 0.2, "poll_max": 1.0})
+    return base.model_copy(
+        update={"aep": aep, "queue": queue, "store": store, "http": http, "upload": upload, "track": track}
+    )
 
 
 async def _summary(
@@ -171,13 +200,20 @@ async def _summary(
     finally:
         await store.close()
     stats = simulator.stats
-    created = counts.get(State.CREATED, 0)
+    with_files = counts[State.UPLOADING] + counts[State.PROCESSING] + counts[State.SUCCEEDED]
+    created = counts.get(State.CREATED, 0) + with_files
     batches = len(stats.batches)
     duplicates = sum(1 for n in stats.batches_per_external_id.values() if n > 1)
     console.print(
         f"[bold green]created {created}[/], failed {counts.get(State.FAILED, 0)}, "
         f"rejected {counts.get(State.REJECTED, 0)} in {elapsed:.1f}s "
         f"({created / elapsed if elapsed else 0:.1f} batches/s)"
+    )
+    stored = sum(len(simulator.files_of(batch.id)) for batch in stats.batches)
+    console.print(
+        f"[bold green]{counts[State.SUCCEEDED]} of them named files[/]: {stored} files uploaded, "
+        f"their batches completed and ingested by AEP (state succeeded); the others are left loading "
+        f"for the upload steps"
     )
     console.print(
         f"AEP saw {batches} batches for {created} requests, {duplicates} created twice; "
@@ -190,5 +226,10 @@ async def _summary(
         f"Logs:    {log_path}",
         soft_wrap=True,
     )
-    ok = code == 0 and created == len(stats.batches) and duplicates == 0
+    ok = (
+        code == 0
+        and created == len(stats.batches)
+        and duplicates == 0
+        and with_files == counts[State.SUCCEEDED]
+    )
     return 0 if ok else 1
