@@ -23,8 +23,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from orchestrator.messages import BatchRequest
-from orchestrator.store.base import AddResult, BatchStore, State
+from orchestrator.messages import BatchRequest, FileRef
+from orchestrator.store.base import AddResult, BatchStore, State, Step
 from orchestrator.store.engine import async_url, create_engine
 from orchestrator.store.sql import MIGRATIONS, SqlBatchStore, metadata
 from tests.conftest import MakeStore
@@ -786,3 +786,79 @@ def test_database_urls_get_async_drivers(tmp_path: Path, monkeypatch: pytest.Mon
         async_url("mysql://db/orch")
     with pytest.raises(ValueError, match="not a database URL"):
         async_url("no scheme at all")
+
+
+# --- the upload stage's rows (store/lifecycle.py) -----------------------------------------------
+
+
+@portable
+async def test_the_upload_stage_claims_fences_and_finishes(make_store: MakeStore, now: datetime) -> None:
+    store = await make_store(events=True)
+    files = (FileRef("part=a/x.json", "part=a/x.json"), FileRef("s3://b/y.json", "y.json"))
+    await store.add(request("r1", files=files), now)
+    await store.add(request("plain"), now)
+    claims = await store.claim("d", 2, 30, now)
+    for claim in claims:
+        assert await store.mark_created(claim, f"b-{claim.record.request_id}", "loading", now)
+    assert await store.stages_waiting() == 1  # a request without files gets no lifecycle
+
+    [dead] = await store.claim_stages("crashed", 5, 0, now)  # its lease runs out at once
+    assert (dead.step, [f.name for f in dead.files], dead.taken_over) == (
+        Step.UPLOAD,
+        ["part=a/x.json", "y.json"],
+        False,
+    )
+    [stage] = await store.claim_stages("alive", 5, 30, now + timedelta(seconds=1))
+    assert (stage.taken_over, stage.record.state) == (True, State.UPLOADING)
+    assert "crashed" not in await store.lease_owners()
+    assert "alive" in await store.lease_owners()
+    # The dead holder's writes change nothing; the live one's do.
+    assert not await store.file_progress(dead, 0, now, size=3, done=True)
+    assert await store.file_progress(stage, 0, now, size=3, done=True)
+    assert await store.file_progress(stage, 0, now, size=3, done=True)  # counted once
+    assert await store.file_progress(stage, 1, now, initialized=True, bytes_sent=10)
+    assert await store.renew_stages([stage, dead], 30, now) == {"r1"}
+    assert await store.file_progress(stage, 1, now, size=20, done=True)
+    assert await store.step_counts() == {"complete": 1}
+    assert await store.batch_completed(stage, now, now)
+    assert not await store.batch_completed(stage, now, now)  # its lease is gone with the outcome
+
+    [tracked] = await store.claim_stages("alive", 5, 30, now + timedelta(seconds=2))
+    assert (tracked.step, tracked.record.state, [f.done for f in tracked.files]) == (
+        Step.TRACK,
+        State.PROCESSING,
+        [True, True],
+    )
+    errors = [{"code": "106", "description": "Dataset file is empty.", "rows": []}]
+    assert await store.stage_finished(
+        tracked,
+        now,
+        to_state=State.FAILED,
+        batch_status="failed",
+        error="106 Dataset file is empty.",
+        errors=errors,
+        record_count=0,
+    )
+    record = await store.get("r1")
+    assert record is not None
+    assert (record.state, record.batch_status, record.last_error) == (
+        State.FAILED,
+        "failed",
+        "106 Dataset file is empty.",
+    )
+    assert record.to_json()["errors"] == errors
+    assert (record.to_json()["filesDone"], record.to_json()["step"]) == (2, "done")
+    assert [change.to_state for change in await store.history("r1")] == [
+        State.PENDING,
+        State.CREATED,
+        State.UPLOADING,
+        State.PROCESSING,
+        State.FAILED,
+    ]
+    types = [json.loads(event.body)["type"] for event in await store.outbox(10)]
+    assert types == ["batch.created", "batch.created", "batch.failed"]
+    assert await store.stages_waiting() == 0
+    assert await store.step_counts() == {"done": 1}
+    plain = await store.get("plain")
+    assert plain is not None
+    assert (plain.state, plain.lifecycle, "step" in plain.to_json()) == (State.CREATED, None, False)
