@@ -11,27 +11,31 @@ time from the first batch made to the last.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from uuid import uuid4
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from run import (  # run.py is a script beside this one, not a package
+from harness import (  # a script's neighbour, not a package
     BenchError,
+    Context,
+    Section,
     SimulatorProcess,
-    _bin,
-    _tail,
+    bench_command,
+    bin_path,
+    commands_text,
+    postgres_answers,
+    scratch_database,
     service_env,
+    tail,
 )
 
 LATENCY = "0.2"
 REPLICAS = (1, 2, 3)
-POSTGRES = ("127.0.0.1", 5432)
 
 
 @dataclass
@@ -48,23 +52,6 @@ class ScaleOutcome:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
-def _postgres_answers() -> bool:
-    try:
-        with socket.create_connection(POSTGRES, timeout=1.0):
-            return True
-    except OSError:
-        return False
-
-
-def _psql(sql: str) -> None:
-    subprocess.run(  # noqa: S603 - fixed arguments, a name made here
-        [_bin("psql"), "-h", POSTGRES[0], "-U", "postgres", "-d", "test", "-q", "-c", sql],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-
-
 def run_replicas(replicas: int, count: int, workdir: Path, store_url: str, store: str) -> ScaleOutcome:
     sim = SimulatorProcess(workdir, 100_000, ("--latency", LATENCY, "--latency-jitter", "0"))
     try:
@@ -72,7 +59,7 @@ def run_replicas(replicas: int, count: int, workdir: Path, store_url: str, store
         env = service_env(sim, workdir, STORE__URL=store_url, LIMITS__RATE="100000")
         ids = "\n".join(f"scale-{replicas}-{index:06d}" for index in range(count)) + "\n"
         subprocess.run(  # noqa: S603
-            [_bin("orchestrator"), "enqueue", "--file", "-"],
+            [bin_path("orchestrator"), "enqueue", "--file", "-"],
             input=ids.encode(),
             env=env,
             cwd=workdir,
@@ -83,7 +70,7 @@ def run_replicas(replicas: int, count: int, workdir: Path, store_url: str, store
         logs = [workdir / f"replica-{index}.log" for index in range(replicas)]
         procs = [
             subprocess.Popen(  # noqa: S603
-                [_bin("orchestrator"), "run", "--until-idle"],
+                [bin_path("orchestrator"), "run", "--until-idle"],
                 env=env,
                 cwd=workdir,
                 stdout=subprocess.DEVNULL,
@@ -93,7 +80,7 @@ def run_replicas(replicas: int, count: int, workdir: Path, store_url: str, store
         ]
         for proc, log in zip(procs, logs, strict=True):
             if proc.wait(timeout=60 + 4 * count / 80) != 0:
-                raise BenchError(f"a replica exited with {proc.returncode}:\n{_tail(log)}")
+                raise BenchError(f"a replica exited with {proc.returncode}:\n{tail(log)}")
         stats = sim.stats()
     finally:
         sim.close()
@@ -116,14 +103,9 @@ def scaling(quick: bool) -> list[ScaleOutcome]:
     for replicas in REPLICAS:
         with tempfile.TemporaryDirectory(prefix="orch-scale-") as tmp:
             workdir = Path(tmp)
-            if _postgres_answers():
-                database = f"orch_scale_{uuid4().hex[:12]}"
-                _psql(f"CREATE DATABASE {database}")
-                try:
-                    url = f"postgresql://postgres@{POSTGRES[0]}:{POSTGRES[1]}/{database}"
+            if postgres_answers():
+                with scratch_database("orch_scale") as url:
                     outcomes.append(run_replicas(replicas, count, workdir, url, "PostgreSQL"))
-                finally:
-                    _psql(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
             else:
                 url = f"sqlite:///{workdir}/store.db"
                 outcomes.append(run_replicas(replicas, count, workdir, url, "SQLite"))
@@ -151,6 +133,26 @@ def scaling_table(outcomes: list[ScaleOutcome]) -> str:
         cells = (o.replicas, o.count, o.batches, o.duplicates, f"{o.seconds:.1f}", f"{o.rate:.1f}", ratio)
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines)
+
+
+def section(ctx: Context) -> Section:
+    rows = scaling(ctx.quick)
+    base = rows[0].rate if rows else 0.0
+    figures: dict[str, Any] = {
+        "latency_s": float(LATENCY),
+        "store": rows[0].store if rows else None,
+        "rows": [
+            asdict(o) | {"rate": round(o.rate, 2), "x_one": round(o.rate / base, 3) if base else None}
+            for o in rows
+        ],
+    }
+    commands = [
+        bench_command("scaling", ctx.quick),
+        f".venv/bin/python bench/scaling.py{' --quick' if ctx.quick else ''}",
+    ]
+    text = scaling_table(rows).split("\n", 2)[2] + "\n\n" + commands_text(commands)
+    title = f"Scaling: replicas on one queue and one {figures['store'] or ''} store"
+    return Section("scaling", title, text, figures, commands)
 
 
 if __name__ == "__main__":
