@@ -124,7 +124,8 @@ async def test_a_postgresql_restart_mid_run_loses_and_doubles_nothing(
     logged = [entry for result in results for entry in events(result.stderr)]
     unavailable = [entry for entry in logged if entry["event"] == "store.unavailable"]
     recovered = [entry for entry in logged if entry["event"] == "store.recovered"]
-    assert {entry["loop"] for entry in unavailable} == {"dispatcher", "intake"}
+    # Every loop that reads the store waited for it: intake, the claim loop, the upload stage's.
+    assert {entry["loop"] for entry in unavailable} == {"dispatcher", "intake", "stage"}
     assert len(recovered) >= REPLICAS  # each replica's claim loop, at least
     assert [entry for entry in logged if entry["event"] == "service.crashed"] == []
 
