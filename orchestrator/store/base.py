@@ -237,6 +237,9 @@ class BatchStore(Protocol):
     async def add(self, request: BatchRequest, now: datetime) -> AddResult:
         """Record a new request as pending, idempotently by its request id."""
 
+    async def add_many(self, requests: Sequence[BatchRequest], now: datetime) -> list[AddResult]:
+        """`add` for several requests received together, in one write; results in order."""
+
     async def reject(self, request_id: str, dataset_id: str | None, reason: str, now: datetime) -> None:
         """Record an invalid message as `rejected` with its reason (idempotent)."""
 

@@ -18,6 +18,7 @@ import functools
 import itertools
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,6 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import (
     DateTime,
-    Row,
     RowMapping,
     Table,
     Update,
@@ -132,6 +132,57 @@ def _build_fenced_update(columns: tuple[str, ...], expressions: dict[str, Clause
     )
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_update_by_id(columns: tuple[str, ...]) -> Update:
+    return _build_update_by_id(columns, {})
+
+
+def _update_by_id(columns: tuple[str, ...], expressions: dict[str, ClauseElement]) -> Update:
+    """`UPDATE batch_request SET <columns>, no lease WHERE id = :pk`, for outcomes whose lease was
+    checked in the same transaction (`SqlBatchStore._outcomes`)."""
+    if expressions:
+        return _build_update_by_id(columns, expressions)
+    return _cached_update_by_id(columns)
+
+
+def _build_update_by_id(columns: tuple[str, ...], expressions: dict[str, ClauseElement]) -> Update:
+    binds = {name: bindparam(f"v_{name}", type_=batch_request.c[name].type) for name in columns}
+    return (
+        update(batch_request)
+        .where(batch_request.c.id == bindparam("pk"))
+        .values(**binds, **expressions, **_NO_LEASE)
+    )
+
+
+@dataclass(frozen=True)
+class _After:
+    """A request's row as an outcome left it (what its trail, event and lifecycle need)."""
+
+    id: int
+    request_id: str
+    dataset_id: str
+    batch_id: str | None
+    batch_status: str | None
+    last_error: str | None
+    files: str | None
+
+
+def _after(row: Any, values: dict[str, Any]) -> _After:
+    def value(name: str) -> Any:
+        given = values.get(name, getattr(row, name))
+        return getattr(row, name) if isinstance(given, ClauseElement) else given
+
+    return _After(
+        id=row.id,
+        request_id=row.request_id,
+        dataset_id=row.dataset_id,
+        batch_id=value("batch_id"),
+        batch_status=value("batch_status"),
+        last_error=value("last_error"),
+        files=row.files,
+    )
+
+
 def alembic_config(connection: Connection | None = None) -> Config:
     """Alembic's configuration, built in code: no alembic.ini is needed at runtime."""
     config = Config()
@@ -221,6 +272,11 @@ class SqlBatchStore(LifecycleQueries):
         self._reader = reader(engine)
         self._postgres = postgres
         self._insert = postgresql.insert if postgres else sqlite.insert
+        self._add_statement = (
+            self._insert(batch_request)
+            .on_conflict_do_nothing(index_elements=[batch_request.c.request_id])
+            .returning(batch_request.c.id, batch_request.c.request_id)
+        )
 
     async def close(self) -> None:
         # Let queued and running writes finish: their callers were promised them.
@@ -240,8 +296,17 @@ class SqlBatchStore(LifecycleQueries):
         return self._reader
 
     async def add(self, request: BatchRequest, now: datetime) -> AddResult:
-        result: AddResult = await self._write(_Op(add=(request, now), shared=True))
+        [result] = await self.add_many([request], now)
         return result
+
+    async def add_many(self, requests: Sequence[BatchRequest], now: datetime) -> list[AddResult]:
+        """`add` for several requests received together: one write, in the order given."""
+        if not requests:
+            return []
+        results: list[AddResult] = await self._write(
+            _Op(add=[(request, now) for request in requests], shared=True)
+        )
+        return results
 
     async def reject(self, request_id: str, dataset_id: str | None, reason: str, now: datetime) -> None:
         row = {
@@ -597,29 +662,78 @@ class SqlBatchStore(LifecycleQueries):
         detail: str | None,
     ) -> bool:
         """Write an attempt's outcome and drop its lease, only while the lease is still the claim's."""
-        values = {**values, "updated_at": now}
+        outcome = _Outcome(claim, now, {**values, "updated_at": now}, to_state, detail)
+        done: bool = await self._write(_Op(outcome=outcome))
+        return done
+
+    async def _outcome(self, tx: _Tx, outcome: _Outcome) -> bool:
+        """One outcome: a fenced UPDATE … RETURNING."""
+        values = outcome.values
         expressions = {name: value for name, value in values.items() if isinstance(value, ClauseElement)}
         statement = _fenced_update(tuple(sorted(set(values) - set(expressions))), **expressions)
         parameters = {f"v_{name}": value for name, value in values.items() if name not in expressions}
-        parameters.update(fence_request_id=claim.record.request_id, fence_lease=claim.lease)
+        parameters.update(fence_request_id=outcome.claim.record.request_id, fence_lease=outcome.claim.lease)
+        row = (await tx.connection.execute(statement, parameters)).one_or_none()
+        if row is None:
+            return False
+        await self._recorded(tx, outcome, row)
+        return True
 
-        async def run(tx: _Tx) -> bool:
-            row = (await tx.connection.execute(statement, parameters)).one_or_none()
+    async def _outcomes(self, tx: _Tx, outcomes: list[_Outcome]) -> list[bool]:
+        """Outcomes written together (the writer had several queued): the rows whose lease is still
+        the claim's are read in one statement, then updated with one statement per shape of outcome
+        (executemany), where one fenced UPDATE each cost a statement's overhead per request. Only on
+        the single writer (SQLite, whose transaction excludes every other writer from the read to the
+        update): on PostgreSQL each outcome is its own transaction."""
+        pairs = [(outcome.claim.record.request_id, outcome.claim.lease) for outcome in outcomes]
+        held = {
+            (row.request_id, row.lease_token): row
+            for row in await tx.connection.execute(
+                select(*_OUTCOME, batch_request.c.lease_token).where(
+                    tuple_(batch_request.c.request_id, batch_request.c.lease_token).in_(pairs)
+                )
+            )
+        }
+        shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]] = {}
+        statements: dict[tuple[tuple[str, ...], tuple[str, ...]], Update] = {}
+        for outcome, pair in zip(outcomes, pairs, strict=True):
+            row = held.get(pair)
             if row is None:
-                return False
-            if to_state is not None:
-                # The lease fenced every change since the claim, so the state is still the claimed one.
-                tx.trail(row.id, now, claim.record.state, to_state, claim.attempt, detail)
-                # A reconciliation's trail row (created to created) is no arrival: no event.
-                arrived = claim.record.state is not to_state
-                if self._events and to_state in EVENT_TYPES and arrived:
-                    tx.event(to_state, row, now)
-                if to_state is State.CREATED and arrived:
-                    await self._start_lifecycle(tx, row.id, row.files, now)
-            return True
+                continue
+            plain = {
+                name: value for name, value in outcome.values.items() if not isinstance(value, ClauseElement)
+            }
+            expressions = {
+                name: value for name, value in outcome.values.items() if isinstance(value, ClauseElement)
+            }
+            key = (tuple(sorted(plain)), tuple(sorted(expressions)))
+            if key not in statements:
+                statements[key] = _update_by_id(key[0], expressions)
+            shapes.setdefault(key, []).append({"pk": row.id, **{f"v_{name}": v for name, v in plain.items()}})
+        for key, parameters in shapes.items():
+            await tx.connection.execute(statements[key], parameters)
+        results = []
+        for outcome, pair in zip(outcomes, pairs, strict=True):
+            row = held.get(pair)
+            if row is not None:
+                await self._recorded(tx, outcome, _after(row, outcome.values))
+            results.append(row is not None)
+        return results
 
-        done: bool = await self._write(_Op(run=run))
-        return done
+    async def _recorded(self, tx: _Tx, outcome: _Outcome, row: Any) -> None:
+        """The trail, event and lifecycle that go with an outcome written for `row` (its values after
+        the update)."""
+        to_state, claim = outcome.to_state, outcome.claim
+        if to_state is None:
+            return
+        # The lease fenced every change since the claim, so the state is still the claimed one.
+        tx.trail(row.id, outcome.now, claim.record.state, to_state, claim.attempt, outcome.detail)
+        # A reconciliation's trail row (created to created) is no arrival: no event.
+        arrived = claim.record.state is not to_state
+        if self._events and to_state in EVENT_TYPES and arrived:
+            tx.event(to_state, row, outcome.now)
+        if to_state is State.CREATED and arrived:
+            await self._start_lifecycle(tx, row.id, row.files, outcome.now)
 
     # --- the writer -----------------------------------------------------------------------------
 
@@ -682,13 +796,22 @@ class SqlBatchStore(LifecycleQueries):
         results: list[Any] = []
         async with self._engine.begin() as connection:
             tx = _Tx(connection)
-            for is_add, run in itertools.groupby(batch, key=lambda op: op.add is not None):
+            for kind, run in itertools.groupby(batch, key=_Op.kind):
                 ops = list(run)
-                if is_add:
-                    results.extend(await self._add_many(tx, [op.add for op in ops if op.add is not None]))
+                if kind == "add":
+                    added = await self._add_many(tx, [add for op in ops for add in op.add or ()])
+                    for op in ops:  # each op its own requests' results, in order
+                        taken = len(op.add or ())
+                        results.append(added[:taken])
+                        added = added[taken:]
+                elif kind == "outcome" and len(ops) > 1:
+                    results.extend(await self._outcomes(tx, [op.outcome for op in ops if op.outcome]))
+                elif kind == "outcome":
+                    assert ops[0].outcome is not None
+                    results.append(await self._outcome(tx, ops[0].outcome))
                 else:
                     for op in ops:
-                        assert op.run is not None  # an op is either an add or a run
+                        assert op.run is not None  # an op is an add, an outcome or a run
                         results.append(await op.run(tx))
             await tx.flush()
         if tx.wrote_events:  # committed: the relay can read them now
@@ -714,13 +837,10 @@ class SqlBatchStore(LifecycleQueries):
             }
             for request, now in requests
         ]
-        statement = (
-            self._insert(batch_request)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=[batch_request.c.request_id])
-            .returning(batch_request.c.id, batch_request.c.request_id)
-        )
-        inserted = {request_id: pk for pk, request_id in await tx.connection.execute(statement)}
+        # executemany: SQLAlchemy sends it as multi-row INSERTs of a cached statement ("insertmanyvalues"),
+        # where `.values(rows)` compiled a new statement for every batch.
+        statement = self._add_statement
+        inserted = {request_id: pk for pk, request_id in await tx.connection.execute(statement, rows)}
         results: list[AddResult] = []
         others: list[int] = []
         for index, (request, now) in enumerate(requests):
@@ -977,25 +1097,44 @@ class _Writes:
         self.alone: set[asyncio.Task[None]] = set()
 
 
-class _Op:
-    """One write: an add (merged with neighbouring adds) or any other transaction step. `shared`:
-    it shares the writer (and its commits) on PostgreSQL too; on SQLite every write does."""
+@dataclass(frozen=True)
+class _Outcome:
+    """An attempt's outcome to write: `values` for the request's row (plain values and SQL
+    expressions), fenced by `claim`'s lease; `to_state` (when the state changes, or a trail row is
+    due) with the trail's `detail`."""
 
-    __slots__ = ("add", "future", "run", "shared")
+    claim: Claim
+    now: datetime
+    values: dict[str, Any]
+    to_state: State | None
+    detail: str | None
+
+
+class _Op:
+    """One write: adds (merged with neighbouring adds), an outcome (merged with neighbouring
+    outcomes on the single writer), or any other transaction step. `shared`: it shares the writer
+    (and its commits) on PostgreSQL too; on SQLite every write does."""
+
+    __slots__ = ("add", "future", "outcome", "run", "shared")
 
     def __init__(
         self,
         *,
-        add: tuple[BatchRequest, datetime] | None = None,
+        add: list[tuple[BatchRequest, datetime]] | None = None,
+        outcome: _Outcome | None = None,
         run: Callable[[_Tx], Awaitable[Any]] | None = None,
         shared: bool = False,
     ) -> None:
         self.add = add
+        self.outcome = outcome
         self.run = run
         self.shared = shared
         self.future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         # Marks the outcome as seen, so an error nobody is left to await is not reported as lost.
         self.future.add_done_callback(_consume)
+
+    def kind(self) -> str:
+        return "add" if self.add is not None else "outcome" if self.outcome is not None else "run"
 
     def resolve(self, result: Any) -> None:
         if not self.future.done():  # cancelled if the writer itself was
@@ -1036,7 +1175,7 @@ class _Tx:
             }
         )
 
-    def event(self, state: State, outcome: Row[Any], at: datetime) -> None:
+    def event(self, state: State, outcome: Any, at: datetime) -> None:
         """Put the batch event of a request that reached `state` in the outbox, in the transaction
         of that change; `outcome` is the request's row as the change left it (the recorded batch)."""
         event_id = str(uuid4())  # one per state change: a repeat of it is the same event

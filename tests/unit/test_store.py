@@ -862,3 +862,46 @@ async def test_the_upload_stage_claims_fences_and_finishes(make_store: MakeStore
     plain = await store.get("plain")
     assert plain is not None
     assert (plain.state, plain.lifecycle, "step" in plain.to_json()) == (State.CREATED, None, False)
+
+
+@portable
+async def test_outcomes_written_together_are_each_fenced_and_trailed(make_store: MakeStore, now: datetime) -> None:
+    # Outcomes asked for at once share a transaction on SQLite's writer (one read of the leases, one
+    # update per shape); on PostgreSQL each is its own. Either way each is fenced by its own lease.
+    store = await make_store(events=True)
+    for request_id in ("a", "b", "c", "d"):
+        await store.add(request(request_id), now)
+    a, b, c, d = await store.claim("x", 4, 30, now)
+    await store.add(request("e"), now)
+    [e] = await store.claim("x", 1, 0, now)  # a lease that runs out at once
+    [e_again] = await store.claim("y", 5, 30, now)  # taken over
+
+    results = await asyncio.gather(
+        store.mark_created(a, "b-a", "loading", now),
+        store.mark_created(b, "b-b", "loading", now, adopted=True),
+        store.mark_failed(c, "HTTP 400", now),
+        store.mark_retry(d, "HTTP 503", now + timedelta(seconds=5), ambiguous=True, now=now),
+        store.mark_created(e, "b-stale", "loading", now),  # its lease was taken over: not written
+        store.release(e_again, now),
+    )
+
+    assert results == [True, True, True, True, False, True]
+    records = {record.request_id: record for record in await store.records()}
+    assert {key: (r.state, r.batch_id, r.last_error) for key, r in records.items()} == {
+        "a": (State.CREATED, "b-a", None),
+        "b": (State.CREATED, "b-b", None),
+        "c": (State.FAILED, None, "HTTP 400"),
+        "d": (State.RETRYING, None, "HTTP 503"),
+        "e": (State.PENDING, None, None),
+    }
+    assert records["e"].attempts == 1  # claimed twice, released once
+    assert records["d"].next_attempt_at == now + timedelta(seconds=5)
+    assert [change.to_state for change in await store.history("a")] == [State.PENDING, State.CREATED]
+    assert [change.to_state for change in await store.history("e")] == [State.PENDING]
+    bodies = [json.loads(event.body) for event in await store.outbox(10)]
+    assert sorted((body["type"], body["requestId"], body["batchId"]) for body in bodies) == [
+        ("batch.created", "a", "b-a"),
+        ("batch.created", "b", "b-b"),
+        ("batch.failed", "c", None),
+    ]
+    assert await store.lease_owners() == set()

@@ -34,6 +34,7 @@ from tests.unit.test_service import Service, events, publish, service_settings
 EVERYTHING = frozenset(
     {
         "add",
+        "add_many",
         "reject",
         "claim",
         "claim_reconciliations",
@@ -189,7 +190,7 @@ async def test_an_outcome_the_store_failed_to_record_is_adopted_after_the_lease_
 async def test_intake_gives_what_it_received_back_while_the_store_is_down(
     store: SqlBatchStore, clock: ManualClock
 ) -> None:
-    switched = SwitchedStore(store, {"add", "reject"})
+    switched = SwitchedStore(store, {"add", "add_many", "reject"})
     queue = FakeQueue()
     bodies = [json.dumps({"datasetId": DS, "requestId": f"r{n}"}).encode() for n in range(3)]
     await queue.publish([*bodies, b"not json"])
