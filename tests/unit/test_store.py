@@ -865,7 +865,9 @@ async def test_the_upload_stage_claims_fences_and_finishes(make_store: MakeStore
 
 
 @portable
-async def test_outcomes_written_together_are_each_fenced_and_trailed(make_store: MakeStore, now: datetime) -> None:
+async def test_outcomes_written_together_are_each_fenced_and_trailed(
+    make_store: MakeStore, now: datetime
+) -> None:
     # Outcomes asked for at once share a transaction on SQLite's writer (one read of the leases, one
     # update per shape); on PostgreSQL each is its own. Either way each is fenced by its own lease.
     store = await make_store(events=True)
