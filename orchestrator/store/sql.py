@@ -231,6 +231,8 @@ class SqlBatchStore(LifecycleQueries):
     """
 
     MAX_BATCH = 256
+    # PostgreSQL: transactions of outcomes at once (see `_write`).
+    OUTCOME_WRITERS = 4
 
     def __init__(
         self,
@@ -281,7 +283,11 @@ class SqlBatchStore(LifecycleQueries):
     async def close(self) -> None:
         # Let queued and running writes finish: their callers were promised them.
         writes = self._writes
-        running = [*writes.alone, *([writes.writer] if writes.writer is not None else [])]
+        running = [
+            *writes.alone,
+            *writes.outcome_writers,
+            *([writes.writer] if writes.writer is not None else []),
+        ]
         if running:
             await asyncio.wait(running)
         writes.writer = None
@@ -679,21 +685,29 @@ class SqlBatchStore(LifecycleQueries):
         await self._recorded(tx, outcome, row)
         return True
 
-    async def _outcomes(self, tx: _Tx, outcomes: list[_Outcome]) -> list[bool]:
+    async def _outcomes(self, tx: _Tx, outcomes: list[_Outcome]) -> list[Any]:
         """Outcomes written together (the writer had several queued): the rows whose lease is still
         the claim's are read in one statement, then updated with one statement per shape of outcome
-        (executemany), where one fenced UPDATE each cost a statement's overhead per request. Only on
-        the single writer (SQLite, whose transaction excludes every other writer from the read to the
-        update): on PostgreSQL each outcome is its own transaction."""
+        (executemany), where one fenced UPDATE each cost a statement's overhead per request. SQLite's
+        transaction excludes every other writer from the read to the update; on PostgreSQL the read
+        locks the rows."""
         pairs = [(outcome.claim.record.request_id, outcome.claim.lease) for outcome in outcomes]
-        held = {
-            (row.request_id, row.lease_token): row
-            for row in await tx.connection.execute(
-                select(*_OUTCOME, batch_request.c.lease_token).where(
-                    tuple_(batch_request.c.request_id, batch_request.c.lease_token).in_(pairs)
-                )
+        leases = select(*_OUTCOME, batch_request.c.lease_token).where(
+            tuple_(batch_request.c.request_id, batch_request.c.lease_token).in_(pairs)
+        )
+        locked: set[tuple[str, str]] = set()
+        if self._postgres:
+            # Locked until the commit, as the fenced UPDATE would lock them: nothing changes them
+            # between this read and the update below. A row another transaction holds is skipped
+            # here, and its outcome written alone (`_LOCKED`), so it holds up nothing else.
+            leases = leases.with_for_update(skip_locked=True)
+        held = {(row.request_id, row.lease_token): row for row in await tx.connection.execute(leases)}
+        if self._postgres and len(held) < len(pairs):
+            missing = [pair for pair in pairs if pair not in held]
+            present = select(batch_request.c.request_id, batch_request.c.lease_token).where(
+                tuple_(batch_request.c.request_id, batch_request.c.lease_token).in_(missing)
             )
-        }
+            locked = {(row.request_id, row.lease_token) for row in await tx.connection.execute(present)}
         shapes: dict[tuple[tuple[str, ...], tuple[str, ...]], list[dict[str, Any]]] = {}
         statements: dict[tuple[tuple[str, ...], tuple[str, ...]], Update] = {}
         for outcome, pair in zip(outcomes, pairs, strict=True):
@@ -712,12 +726,12 @@ class SqlBatchStore(LifecycleQueries):
             shapes.setdefault(key, []).append({"pk": row.id, **{f"v_{name}": v for name, v in plain.items()}})
         for key, parameters in shapes.items():
             await tx.connection.execute(statements[key], parameters)
-        results = []
+        results: list[Any] = []
         for outcome, pair in zip(outcomes, pairs, strict=True):
             row = held.get(pair)
             if row is not None:
                 await self._recorded(tx, outcome, _after(row, outcome.values))
-            results.append(row is not None)
+            results.append(_LOCKED if pair in locked else row is not None)
         return results
 
     async def _recorded(self, tx: _Tx, outcome: _Outcome, row: Any) -> None:
@@ -740,18 +754,30 @@ class SqlBatchStore(LifecycleQueries):
     async def _write(self, op: _Op) -> Any:
         if self._engine is None:
             raise RuntimeError("the store is not open")
-        if self._postgres and not op.shared:
-            task = asyncio.create_task(self._run_alone(op), name="store.write")
-            self._writes.alone.add(task)
-            task.add_done_callback(self._writes.alone.discard)
+        writes = self._writes
+        if self._postgres and op.outcome is not None:
+            # Outcomes finishing together share a transaction (see `_outcomes`), on up to
+            # OUTCOME_WRITERS connections at once: a burst of outcomes costs a few transactions,
+            # not one each, and an outcome waiting for a row lock holds up only its own batch.
+            writes.outcomes.append(op)
+            if len(writes.outcome_writers) < self.OUTCOME_WRITERS:
+                task = asyncio.create_task(self._drain(writes.outcomes), name="store.outcomes")
+                writes.outcome_writers.add(task)
+                task.add_done_callback(writes.outcome_writers.discard)
+        elif self._postgres and not op.shared:
+            self._alone(op)
         else:
-            writes = self._writes
             writes.queue.append(op)
             if writes.writer is None or writes.writer.done():
-                writes.writer = asyncio.create_task(self._drain(), name="store.writer")
+                writes.writer = asyncio.create_task(self._drain(writes.queue), name="store.writer")
         # Shielded: a write once asked for happens even if its caller is cancelled meanwhile (a
         # dispatcher shutting down still records the outcome it was recording).
         return await asyncio.shield(op.future)
+
+    def _alone(self, op: _Op) -> None:
+        task = asyncio.create_task(self._run_alone(op), name="store.write")
+        self._writes.alone.add(task)
+        task.add_done_callback(self._writes.alone.discard)
 
     async def _run_alone(self, op: _Op) -> None:
         """`op` in a transaction of its own; its caller gets the result or the error."""
@@ -765,8 +791,8 @@ class SqlBatchStore(LifecycleQueries):
         else:
             op.resolve(result)
 
-    async def _drain(self) -> None:
-        queue = self._writes.queue
+    async def _drain(self, queue: list[_Op]) -> None:
+        """Write what `queue` holds, a transaction of up to MAX_BATCH operations at a time."""
         batch: list[_Op] = []
         try:
             while queue:
@@ -776,12 +802,20 @@ class SqlBatchStore(LifecycleQueries):
                     continue
                 try:
                     results = await self._transaction(batch)
-                except Exception:  # noqa: BLE001 - retried one by one below, each failing on its own
+                except Exception as exc:  # noqa: BLE001 - handed to the callers that asked
+                    if len(batch) == 1:
+                        batch[0].fail(exc)  # nothing else to spare: its caller learns it
+                        continue
                     for op in batch:  # find the one that failed; the others still succeed
                         await self._run_alone(op)
                 else:
                     for op, result in zip(batch, results, strict=True):
-                        op.resolve(result)
+                        if result is _LOCKED:
+                            # Its row is locked elsewhere: written alone, waiting for the lock
+                            # without holding up the rest of the batch.
+                            self._alone(op)
+                        else:
+                            op.resolve(result)
         except BaseException:
             # Cancelled (the loop is shutting down): nothing queued will be written, nor the batch
             # under way (its transaction was rolled back). Their callers learn it.
@@ -1089,12 +1123,15 @@ class _Writes:
     on their own. One object, so that everything made from the store's state (a test's wrapper that
     copies it) shares the one writer: two would commit in no particular order."""
 
-    __slots__ = ("alone", "queue", "writer")
+    __slots__ = ("alone", "outcome_writers", "outcomes", "queue", "writer")
 
     def __init__(self) -> None:
         self.queue: list[_Op] = []
         self.writer: asyncio.Task[None] | None = None
         self.alone: set[asyncio.Task[None]] = set()
+        # PostgreSQL: outcomes waiting for one of the outcome writers, and those writers.
+        self.outcomes: list[_Op] = []
+        self.outcome_writers: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True)
@@ -1203,6 +1240,8 @@ class _Tx:
             self.wrote_events = True
 
 
+# An outcome whose row another transaction had locked (PostgreSQL): to be written alone.
+_LOCKED = object()
 # The trail row of a request an operator put back to pending (`orchestrator requeue`).
 REQUEUED = "requeued by operator"
 # Trail rows read per query when reading the trail backwards (`recent_changes`).
