@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -20,6 +21,7 @@ from typing import IO, TYPE_CHECKING
 
 from orchestrator import logs
 from orchestrator.messages import (
+    DATASET_ID,
     INPUT_FORMATS,
     InvalidMessage,
     message_object,
@@ -268,9 +270,20 @@ def _numbered(handle: IO[bytes]) -> Iterator[tuple[str, bytes]]:
             yield f"line {number}", line.strip()
 
 
+# A line that is a dataset id (messages.DATASET_ID, as bytes), and JSON's names, which are not.
+_BARE_ID = re.compile(DATASET_ID.pattern.encode())
+_JSON_NAMES = frozenset({b"null", b"true", b"false"})
+
+
 def message_body(raw: bytes, *, request_id: str | None = None, input_format: str | None = None) -> bytes:
     """Validate one input line (a bare dataset id or a JSON message) the way intake will, and turn it
     into the JSON message to publish."""
+    if request_id is None and input_format is None:
+        bare = raw.strip()
+        if _BARE_ID.fullmatch(bare) and bare not in _JSON_NAMES:
+            # The common line, a bare dataset id: the message the general path below would make
+            # (letters, digits, '-' and '_' need no escaping), without three JSON round trips.
+            return b'{"datasetId":"' + bare + b'"}'
     message = message_object(raw)
     request_from_json(message, "enqueue")
     if request_id is not None:

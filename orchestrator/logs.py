@@ -83,6 +83,16 @@ _SECRET_PATTERNS = (
 _SUSPECT = re.compile(r"(?i)authorization|bearer|secret|token|password|eyJ")
 _secret_values: set[str] = set()
 _secret_value_pattern: re.Pattern[str] | None = None
+
+
+def _either(suspect: re.Pattern[str], secrets: re.Pattern[str] | None) -> re.Pattern[str]:
+    """One pattern that finds anything `redact_text` would mask, or something that may need it."""
+    if secrets is None:
+        return suspect
+    return re.compile(f"{suspect.pattern}|(?-i:{secrets.pattern})")
+
+
+_anything_to_mask = _SUSPECT
 # Keys this module writes from nothing a caller gave it: no secret can be in them.
 _OWN_KEYS = frozenset({"timestamp", "level"})
 
@@ -103,16 +113,19 @@ def escape_controls(text: str, keep: str = "") -> str:
 def register_secrets(values: Iterable[str | None]) -> None:
     """Mask these values (the configured client secret, a fixed access token) wherever they appear
     in a log line, even inside a library's message."""
-    global _secret_value_pattern
+    global _secret_value_pattern, _anything_to_mask
     _secret_values.update(value for value in values if value)
     if _secret_values:
         # Longest first: a secret that contains another is masked whole.
         ordered = sorted(_secret_values, key=len, reverse=True)
         _secret_value_pattern = re.compile("|".join(re.escape(value) for value in ordered))
+    _anything_to_mask = _either(_SUSPECT, _secret_value_pattern)
 
 
 def redact_text(text: str) -> str:
     """`text` with tokens and secrets masked (see `_SECRET_PATTERNS` and `register_secrets`)."""
+    if _anything_to_mask.search(text) is None:
+        return text  # most strings (ids, names, times): one search, no substitution
     if _secret_value_pattern is not None:
         text = _secret_value_pattern.sub(MASK, text)
     if _SUSPECT.search(text) is None:

@@ -401,3 +401,19 @@ def test_demo_hint_names_a_command_the_user_can_run(workdir: Path) -> None:
     assert (
         demo.command_name("/opt/my tools/orchestrator", "/x", on_path(None)) == "'/opt/my tools/orchestrator'"
     )
+
+
+@pytest.mark.parametrize(
+    "line", [b"abc", b" 5c8c3c555033b814b69f947f\r", b"12345", b"1e5", b"a" * 128, b"A-b_9", b"x" * 40]
+)
+def test_a_bare_id_line_becomes_the_message_the_general_path_makes(line: bytes) -> None:
+    # The fast path for bare ids gives byte for byte what validating and serialising the JSON gives.
+    general = json.dumps({"datasetId": line.strip().decode()}, separators=(",", ":")).encode()
+    assert message_body(line) == general
+    assert message_body(line, input_format="csv") == general[:-1] + b',"inputFormat":{"format":"csv"}}'
+
+
+@pytest.mark.parametrize("line", [b"null", b"true", b"false", b"a" * 129, b"-x", b"a b"])
+def test_lines_that_are_not_bare_ids_are_still_judged_in_full(line: bytes) -> None:
+    with pytest.raises(InvalidMessage):
+        message_body(line)

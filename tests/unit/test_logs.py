@@ -35,6 +35,7 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registered secrets are process-wide: each test starts with none and leaves none behind."""
     monkeypatch.setattr(logs, "_secret_values", set())
     monkeypatch.setattr(logs, "_secret_value_pattern", None)
+    monkeypatch.setattr(logs, "_anything_to_mask", logs._SUSPECT)
 
 
 @contextmanager
