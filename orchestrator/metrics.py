@@ -9,6 +9,7 @@ classification table), so the series stay bounded.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -132,6 +133,8 @@ class Metrics:
         self._events = Gauge(
             "orchestrator_events_waiting", "Batch events in the outbox, not yet published", registry=r
         )
+        self._call_series: dict[tuple[str, int | None], Any] = {}
+        self._call_timers: dict[str, Any] = {}
         # Series that exist from the start, so a rate() over them is defined before the first event.
         for outcome in ("created", "adopted", "failed", "succeeded", "batch_failed"):
             self._requests.labels(outcome)
@@ -145,8 +148,18 @@ class Metrics:
     # --- Observer ---------------------------------------------------------------------------------
 
     def aep_call(self, endpoint: str, status: int | None, seconds: float) -> None:
-        self._calls.labels(endpoint, "none" if status is None else str(status)).inc()
-        self._call_seconds.labels(endpoint).observe(seconds)
+        # The series of each (endpoint, status) looked up once: `labels()` takes a lock and builds a
+        # key on every call, and this runs for every call the service makes.
+        key = (endpoint, status)
+        series = self._call_series.get(key)
+        if series is None:
+            series = self._calls.labels(endpoint, "none" if status is None else str(status))
+            self._call_series[key] = series
+        series.inc()
+        timer = self._call_timers.get(endpoint)
+        if timer is None:
+            timer = self._call_timers[endpoint] = self._call_seconds.labels(endpoint)
+        timer.observe(seconds)
 
     def limiter_waited(self, seconds: float) -> None:
         self._wait.observe(seconds)

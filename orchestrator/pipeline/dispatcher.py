@@ -371,17 +371,16 @@ class Dispatcher:
         reconcile_at = now + self._settle if claim.needs_lookup else None
         self._policy.succeeded(claim.attempt)
         self._credentials_worked()
+        # Not shielded here: the store's write, once asked for, happens even if this is cancelled.
         kept = await self._record(
-            asyncio.shield(
-                self._store.mark_created(
-                    claim,
-                    batch.id,
-                    batch.status,
-                    now,
-                    adopted=adopted,
-                    reconcile_at=reconcile_at,
-                    count_attempt=not claim.record.lookup_only,
-                )
+            self._store.mark_created(
+                claim,
+                batch.id,
+                batch.status,
+                now,
+                adopted=adopted,
+                reconcile_at=reconcile_at,
+                count_attempt=not claim.record.lookup_only,
             )
         )
         if not kept:
