@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -23,30 +24,56 @@ from sqlalchemy import (
     false,
     text,
 )
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.types import TypeEngine
+
+
+class _SqliteText(sqlite.DATETIME):
+    """SQLite's DATETIME column (as the migrations made it) whose values pass as they are: the text
+    `UtcDateTime` writes and parses itself."""
+
+    def bind_processor(self, dialect: Dialect) -> None:
+        return None
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> None:
+        return None
 
 
 class UtcDateTime(TypeDecorator[datetime]):
     """Aware datetimes in, aware UTC datetimes out, on every dialect.
 
     SQLite stores naive text and would silently drop the zone of an aware value; storing UTC with a
-    fixed format keeps text comparisons in SQL equal to time comparisons.
+    fixed format keeps text comparisons in SQL equal to time comparisons. That text is written and
+    read here, in SQLAlchemy's own SQLite format (`2026-11-28 12:00:00.000000`), with `isoformat` and
+    `fromisoformat` (C): SQLAlchemy's generic DATETIME processing, a format string and a regular
+    expression per value, was a tenth of the service's CPU (times are in every row it writes and reads).
     """
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "sqlite":
+            return _SqliteText()  # type: ignore[no-untyped-call]  # sqlalchemy types it loosely
+        return dialect.type_descriptor(DateTime(timezone=True))
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
         if value is None:
             return None
         if value.tzinfo is None:
             raise ValueError("naive datetime: the store takes timezone-aware times")
         value = value.astimezone(UTC)
-        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        return value
 
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if isinstance(value, str):
+            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+        when: datetime = value
+        return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 # INTEGER PRIMARY KEY is SQLite's rowid alias (a BIGINT key would not autoincrement there).

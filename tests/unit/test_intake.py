@@ -3,12 +3,14 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from orchestrator.clock import ManualClock
+from orchestrator.files import FileSources
 from orchestrator.pipeline.intake import Intake
 from orchestrator.queues.base import Delivery, Publisher, Queue
 from orchestrator.store.base import State
@@ -321,3 +323,47 @@ async def test_next_attempt_time_is_the_intake_time(store: SqlBatchStore, clock:
     assert record is not None
     assert record.next_attempt_at == clock.now()
     assert record.created_at - ManualClock().now() == timedelta(seconds=42)
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("files", "reason"),
+    [
+        (["missing.json"], "files[0]: no such file under ORCH_UPLOAD__ROOT"),
+        (["link.json"], "files[0]: leads outside ORCH_UPLOAD__ROOT"),
+        (["in.json", "s3://bucket/x.json"], "files[1]: s3:// is not accepted (ORCH_UPLOAD__PROTOCOLS: file)"),
+        (["../in.json"], "files[0]: empty, '.' and '..' path segments are refused"),
+    ],
+)
+async def test_a_message_naming_files_it_cannot_upload_is_rejected_with_the_reason(
+    store: SqlBatchStore, clock: ManualClock, tmp_path: Path, files: list[str], reason: str
+) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "in.json").write_text("{}\n")
+    (tmp_path / "secret.json").write_text("{}\n")
+    (root / "link.json").symlink_to(tmp_path / "secret.json")
+    queue = FakeQueue()
+    intake = make_intake(queue, store, clock, sources=FileSources(root, ["file"]))
+
+    await intake.handle(await receive_one(queue, msg(requestId="r1", files=files)))
+    await intake.handle(await receive_one(queue, msg(requestId="ok", files=["in.json"])))
+
+    [rejected] = await store.records(state=State.REJECTED)
+    assert rejected.last_error == reason
+    assert queue.dead[0][1] == reason
+    accepted = await store.get("ok")
+    assert accepted is not None
+    assert [ref.name for ref in accepted.files] == ["in.json"]
+
+
+async def test_without_sources_a_message_naming_files_is_rejected(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    queue = FakeQueue()
+    intake = make_intake(queue, store, clock)
+    await intake.handle(await receive_one(queue, msg(requestId="r1", files=["in.json"])))
+    [rejected] = await store.records(state=State.REJECTED)
+    assert rejected.last_error == "files: this service does not upload files"
