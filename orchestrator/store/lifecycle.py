@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from uuid import uuid4
 
 from sqlalchemy import (
-    Row,
     RowMapping,
     delete,
     func,
@@ -189,7 +188,7 @@ class LifecycleQueries:
                 row = rows[pk]
                 record = requests[pk]
                 if pk in starting:
-                    record = _with_state(record, State.UPLOADING)
+                    record = replace(record, state=State.UPLOADING)
                 stages.append(
                     Stage(
                         pk=pk,
@@ -466,8 +465,7 @@ class LifecycleQueries:
         return len((await tx.connection.execute(statement)).all())
 
 
-def _upload_file(row: RowMapping | Row[Any]) -> UploadFile:
-    values = row if isinstance(row, RowMapping) else row._mapping
+def _upload_file(values: RowMapping) -> UploadFile:
     return UploadFile(
         position=values["position"],
         source=values["source"],
@@ -477,7 +475,3 @@ def _upload_file(row: RowMapping | Row[Any]) -> UploadFile:
         initialized=bool(values["initialized"]),
         done=bool(values["done"]),
     )
-
-
-def _with_state(record: BatchRecord, state: State) -> BatchRecord:
-    return replace(record, state=state)
