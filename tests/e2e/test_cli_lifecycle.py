@@ -54,7 +54,9 @@ async def test_files_are_uploaded_completed_and_followed_to_aeps_final_word(tmp_
     root = tmp_path / "data"
     config = SimulatorConfig(
         upload_error_rate=0.1,
-        drop_after_rate=0.1,
+        # Enough creates (33) and uploads (60 and more) that some of each fail whatever the order of
+        # arrival: no drop at all among 33 creates at 20 % is a 1-in-1600 chance, and so on.
+        drop_after_rate=0.2,
         processing_time=0.2,
         fail_datasets=frozenset({FAILING}),
         seed=11,
@@ -62,7 +64,7 @@ async def test_files_are_uploaded_completed_and_followed_to_aeps_final_word(tmp_
     async with Simulator(config) as sim:
         env = cli_env(tmp_path, sim.url, UPLOAD__ROOT=str(root), **QUICK)
         lines, files = [], {}
-        for index in range(24):
+        for index in range(30):
             files[f"r{index}"] = write_files(root, index)
             dataset = FAILING if index < 3 else f"ds{index}"
             lines.append(
@@ -72,7 +74,7 @@ async def test_files_are_uploaded_completed_and_followed_to_aeps_final_word(tmp_
         lines.append(json.dumps({"datasetId": "ds-x", "requestId": "escape", "files": ["../outside.json"]}))
         enqueued = await run(["enqueue", "--file", "-"], env, tmp_path, stdin="\n".join(lines).encode())
         assert enqueued.code == 1  # the line naming a path outside the root is refused there
-        assert "published 27" in enqueued.stdout.lower()
+        assert "published 33" in enqueued.stdout.lower()
 
         finished = await run(["run", "--until-idle"], env, tmp_path, timeout=120)
         # Exit 1: AEP failed the batches of the failing dataset.
@@ -109,8 +111,8 @@ async def test_files_are_uploaded_completed_and_followed_to_aeps_final_word(tmp_
 
         status = await run(["status", "--json"], env, tmp_path)
         counts = json.loads(status.stdout)
-        assert counts["counts"]["succeeded"] == 21
-        assert counts["steps"] == {"done": 24}
+        assert counts["counts"]["succeeded"] == 27
+        assert counts["steps"] == {"done": 30}
 
 
 async def test_kill_9_mid_upload_then_restart_resumes_and_never_sends_into_a_completed_batch(
