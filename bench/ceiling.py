@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import CLIENT_ID, CLIENT_SECRET, CONCURRENCY, ORG_ID  # a script's neighbour
+from harness import (  # a script's neighbour
+    CONCURRENCY,
+    CREATE_PATH,
+    fetch_token,
+    platform_headers,
+    read_ids,
+    report_outcomes,
+)
 
 
 async def bare_loop(url: str, dataset_ids: list[str], concurrency: int) -> dict[str, int]:
@@ -28,23 +34,8 @@ async def bare_loop(url: str, dataset_ids: list[str], concurrency: int) -> dict[
     outcomes = {"created": 0, "failed": 0}
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "scope": "openid",
-        }
-        async with session.post(url + "/ims/token/v3", data=form) as resp:
-            resp.raise_for_status()
-            token = (await resp.json())["access_token"]
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "x-api-key": CLIENT_ID,
-            "x-gw-ims-org-id": ORG_ID,
-            "x-sandbox-name": "prod",
-            "Accept": "application/json",
-        }
-        create_url = url + "/data/foundation/import/batches"
+        headers = platform_headers(await fetch_token(session, url))
+        create_url = url + CREATE_PATH
         pending = iter(dataset_ids)
 
         async def worker() -> None:
@@ -66,13 +57,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
     parser.add_argument("--report", help="where to write the client's own counts (JSON)")
     args = parser.parse_args(argv)
-    ids = [line.strip() for line in Path(args.ids).read_text(encoding="utf-8").splitlines() if line.strip()]
-    outcomes = asyncio.run(bare_loop(args.url, ids, args.concurrency))
-    if args.report:
-        Path(args.report).write_text(json.dumps(outcomes), encoding="utf-8")
-    else:
-        print(json.dumps(outcomes))
-    return 0 if outcomes["failed"] == 0 else 1
+    outcomes = asyncio.run(bare_loop(args.url, read_ids(args.ids), args.concurrency))
+    return report_outcomes(outcomes, args.report)
 
 
 if __name__ == "__main__":

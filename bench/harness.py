@@ -37,6 +37,14 @@ PY = ".venv/bin/python"  # how commands are shown to the reader (relative to the
 CLIENT_ID = "sim-client"
 CLIENT_SECRET = "sim-secret"  # noqa: S105 (the simulator's public demo credential)
 ORG_ID = "SIM0RG0000000000000000@AdobeOrg"
+# The simulator's client-credentials form, and the path of a create.
+TOKEN_FORM = {
+    "grant_type": "client_credentials",
+    "client_id": CLIENT_ID,
+    "client_secret": CLIENT_SECRET,
+    "scope": "openid",
+}
+CREATE_PATH = "/data/foundation/import/batches"
 CONCURRENCY = 16  # ORCH_LIMITS__CONCURRENCY's default, given to every client measured beside it
 RATE_LATENCY = ("--latency", "0.02", "--latency-jitter", "0.01")  # the rate rows' simulated AEP
 NO_LATENCY = ("--latency", "0", "--latency-jitter", "0")
@@ -615,3 +623,38 @@ def measure_client(
     done = run_measured(argv, cwd=workdir, env=clean_env(), out=out, err=err, timeout=timeout)
     _check(f"{label}: bench/{script}", done, timeout, err)
     return _figures(label, count, done, sim.stats(), None, 0)
+
+
+# --- the clients measured beside the service (ceiling, naive, peer) ---------------------------------
+
+
+def platform_headers(token: str) -> dict[str, str]:
+    """The headers of a Platform call with `token`, as the simulator wants them."""
+    return {
+        "Authorization": f"Bearer {token}",
+        "x-api-key": CLIENT_ID,
+        "x-gw-ims-org-id": ORG_ID,
+        "x-sandbox-name": "prod",
+        "Accept": "application/json",
+    }
+
+
+async def fetch_token(session: Any, url: str) -> str:
+    """A token from the simulator's IMS endpoint (`session`: an aiohttp ClientSession)."""
+    async with session.post(url + "/ims/token/v3", data=TOKEN_FORM) as resp:
+        resp.raise_for_status()
+        token: str = (await resp.json())["access_token"]
+    return token
+
+
+def read_ids(path: str) -> list[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def report_outcomes(outcomes: dict[str, int], path: str | None) -> int:
+    """Write a client's own counts to `path` (or print them); exit 1 when some create failed."""
+    if path:
+        Path(path).write_text(json.dumps(outcomes), encoding="utf-8")
+    else:
+        print(json.dumps(outcomes))
+    return 0 if outcomes["failed"] == 0 else 1

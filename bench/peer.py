@@ -24,13 +24,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # a script's neighbour, not a package
-    CLIENT_ID,
-    CLIENT_SECRET,
     CONCURRENCY,
+    CREATE_PATH,
     EMBEDDED,
     NO_LIMIT,
-    ORG_ID,
     PY,
+    TOKEN_FORM,
     Context,
     RunFigures,
     Section,
@@ -39,6 +38,9 @@ from harness import (  # a script's neighbour, not a package
     commands_text,
     measure_client,
     measure_service,
+    platform_headers,
+    read_ids,
+    report_outcomes,
     simulator,
 )
 from throughput import service_settings
@@ -49,24 +51,10 @@ SERVICE_COUNT, QUICK_SERVICE_COUNT = 2000, 400
 
 
 def sync_loop(url: str, dataset_ids: list[str]) -> dict[str, int]:
-    form = urllib.parse.urlencode(
-        {
-            "grant_type": "client_credentials",
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "scope": "openid",
-        }
-    ).encode()
+    form = urllib.parse.urlencode(TOKEN_FORM).encode()
     with urllib.request.urlopen(url + "/ims/token/v3", data=form, timeout=30) as resp:  # noqa: S310 (local)
         token = json.loads(resp.read())["access_token"]
-    headers = {
-        "Authorization": f"Bearer {token}",
-        "x-api-key": CLIENT_ID,
-        "x-gw-ims-org-id": ORG_ID,
-        "x-sandbox-name": "prod",
-        "Accept": "application/json",
-        "Content-Type": "application/json",
-    }
+    headers = {**platform_headers(token), "Content-Type": "application/json"}
     where = urllib.parse.urlsplit(url)
     outcomes = {"created": 0, "failed": 0}
     for dataset_id in dataset_ids:
@@ -75,7 +63,7 @@ def sync_loop(url: str, dataset_ids: list[str]) -> dict[str, int]:
         )
         connection = http.client.HTTPConnection(where.hostname or "127.0.0.1", where.port, timeout=30)
         try:
-            connection.request("POST", "/data/foundation/import/batches", body=body, headers=headers)
+            connection.request("POST", CREATE_PATH, body=body, headers=headers)
             response = connection.getresponse()
             data = json.loads(response.read() or b"null")
         finally:
@@ -91,13 +79,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--ids", required=True, help="one dataset id per line")
     parser.add_argument("--report", help="where to write the client's own counts (JSON)")
     args = parser.parse_args(argv)
-    ids = [line.strip() for line in Path(args.ids).read_text(encoding="utf-8").splitlines() if line.strip()]
-    outcomes = sync_loop(args.url, ids)
-    if args.report:
-        Path(args.report).write_text(json.dumps(outcomes), encoding="utf-8")
-    else:
-        print(json.dumps(outcomes))
-    return 0 if outcomes["failed"] == 0 else 1
+    return report_outcomes(sync_loop(args.url, read_ids(args.ids)), args.report)
 
 
 # -- the section -------------------------------------------------------------------------------

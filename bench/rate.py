@@ -29,10 +29,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import (  # a script's neighbour, not a package
-    CLIENT_ID,
-    CLIENT_SECRET,
     CONCURRENCY,
-    ORG_ID,
+    CREATE_PATH,
     PY,
     RATE_LATENCY,
     BenchError,
@@ -45,7 +43,9 @@ from harness import (  # a script's neighbour, not a package
     clean_env,
     commands_text,
     enqueue,
+    fetch_token,
     log_errors,
+    platform_headers,
     run_measured,
     service_env,
     simulator,
@@ -281,23 +281,8 @@ async def naive_client(url: str, dataset_ids: list[str], concurrency: int) -> di
     timeout = aiohttp.ClientTimeout(total=30)
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        form = {
-            "grant_type": "client_credentials",
-            "client_id": CLIENT_ID,
-            "client_secret": CLIENT_SECRET,
-            "scope": "openid",
-        }
-        async with session.post(url + "/ims/token/v3", data=form) as resp:
-            resp.raise_for_status()
-            token = (await resp.json())["access_token"]
-        headers = {
-            "Authorization": f"Bearer {token}",
-            "x-api-key": CLIENT_ID,
-            "x-gw-ims-org-id": ORG_ID,
-            "x-sandbox-name": "prod",
-            "Accept": "application/json",
-        }
-        create_url = url + "/data/foundation/import/batches"
+        headers = platform_headers(await fetch_token(session, url))
+        create_url = url + CREATE_PATH
         slots = asyncio.Semaphore(concurrency)
 
         async def one(dataset_id: str) -> str:

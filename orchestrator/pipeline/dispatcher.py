@@ -28,6 +28,7 @@ from orchestrator.aep.errors import AepError, AuthError
 from orchestrator.clock import Clock, sleep_until_set
 from orchestrator.observe import NULL, Observer
 from orchestrator.owners import died_here
+from orchestrator.pipeline.leases import LeaseKeeper
 from orchestrator.pipeline.reconcile import Reconciler
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
 from orchestrator.pipeline.stats import DispatchStats
@@ -73,9 +74,11 @@ class Dispatcher:
         self._default_format = default_format
         self._poll_interval = poll_interval
         self._wake = wake or asyncio.Event()
-        self._tasks: dict[asyncio.Task[None], Claim] = {}
-        # When each held lease runs out, as far as this process knows (claim or last renewal).
-        self._lease_until: dict[asyncio.Task[None], datetime] = {}
+        # The calls in flight and the claims they hold, whose leases it renews (pipeline/leases.py).
+        self._leases: LeaseKeeper[Claim] = LeaseKeeper(
+            "dispatcher", clock, lease_seconds, store.renew, _request_id, observer
+        )
+        self._tasks = self._leases.tasks
         self._renewer: asyncio.Task[None] | None = None
         self._credentials_problem: str | None = None
         self._waiting_for_credentials = False
@@ -118,8 +121,7 @@ class Dispatcher:
             now = self._clock.now()
             for claim in await self._next_claims(stop, free):
                 task = asyncio.create_task(self._handle(claim))
-                self._tasks[task] = claim
-                self._lease_until[task] = now + timedelta(seconds=self._lease_seconds)
+                self._leases.hold(task, claim, now)
                 task.add_done_callback(self._finished)
 
     async def _take_back_leases_of_the_dead(self) -> None:
@@ -140,56 +142,24 @@ class Dispatcher:
             raise RuntimeError("the lease renewer stopped") from error
 
     def _finished(self, task: asyncio.Task[None]) -> None:
-        self._tasks.pop(task, None)
-        self._lease_until.pop(task, None)
+        self._leases.drop(task)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatcher.task_crashed", exc_info=task.exception())
 
     async def _renew_leases(self) -> None:
-        """Keep the leases of requests in flight alive. A call can wait in the limiter through
-        several throttling pauses; were its lease to run out meanwhile, another dispatcher could
-        claim the request and both would create a batch.
-
-        A store error is logged and the renewal tried again at the next beat. A call whose lease
-        would run out before that beat is abandoned (cancelled, its outcome recorded as unknown if
-        the store takes it) rather than left to race whoever claims the request next; a call whose
-        lease is already gone (this process stalled past it) is cancelled the same way."""
+        """Keep the leases of requests in flight alive (`LeaseKeeper`: a call can wait in the limiter
+        through several throttling pauses; were its lease to run out meanwhile, another dispatcher
+        could claim the request and both would create a batch), and at each beat take back the
+        leases of another replica on this host killed with -9, rather than wait for them to run out."""
         interval = self._lease_seconds / 3
         while True:
             await self._clock.sleep(interval)
-            # Another replica on this host killed with -9: take its requests now, not at expiry.
             try:
                 await self._take_back_leases_of_the_dead()
             except Exception as exc:  # noqa: BLE001 - a store error: tried again at the next beat
                 log.warning("dispatcher.dead_leases_check_failed", error=f"{type(exc).__name__}: {exc}"[:300])
-            held = dict(self._tasks)
-            if not held:
-                continue
-            now = self._clock.now()
-            try:
-                renewed = await self._store.renew(list(held.values()), self._lease_seconds, now)
-            except Exception as exc:  # noqa: BLE001 - the renewer must outlive a store error
-                log.error("dispatcher.lease_renewal_failed", error=describe(exc))
-                self._abandon(held, now + timedelta(seconds=interval))
-                continue
-            until = now + timedelta(seconds=self._lease_seconds)
-            for task, claim in held.items():
-                if claim.record.request_id in renewed:
-                    if task in self._lease_until:
-                        self._lease_until[task] = until
-                elif not task.done():
-                    log.error("dispatcher.lease_lost", request_id=claim.record.request_id)
-                    self._observer.lease_lost()
-                    task.cancel()
-
-    def _abandon(self, held: dict[asyncio.Task[None], Claim], next_try: datetime) -> None:
-        for task, claim in held.items():
-            expires = self._lease_until.get(task)
-            if expires is not None and expires <= next_try and not task.done():
-                log.error("dispatcher.lease_abandoned", request_id=claim.record.request_id)
-                self._observer.lease_lost()
-                task.cancel()
+            await self._leases.beat(interval)
 
     async def drain(self, grace: float) -> None:
         """Let calls in flight finish within `grace` seconds; cancel the rest. A cancelled call's
@@ -498,3 +468,7 @@ class Dispatcher:
 
 def _later(first: datetime | None, second: datetime) -> datetime:
     return second if first is None or second > first else first
+
+
+def _request_id(claim: Claim) -> str:
+    return claim.record.request_id

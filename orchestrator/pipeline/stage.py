@@ -193,8 +193,10 @@ class UploadStage:
             except LeaseLost:
                 log.warning("stage.lease_lost")
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                # Failures in a row: counted from this one when the step got somewhere first.
-                attempt = 1 if progress.made else stage.attempts + 1
+                # Failures in a row: counted from this one when the step got somewhere first (a
+                # file AEP would not complete is no progress, whatever its parts did).
+                restarted = isinstance(exc, FileRestart)
+                attempt = 1 if progress.made and not restarted else stage.attempts + 1
                 await asyncio.shield(self._failed(stage, exc, attempt))
 
     async def _upload(self, stage: Stage, progress: Progress) -> None:
@@ -302,17 +304,16 @@ class UploadStage:
             return
         if not isinstance(exc, AepError | FileRestart):
             log.error("stage.unexpected_error", exc_info=exc)
-        cause = exc.__cause__ if isinstance(exc, FileRestart) else exc
-        decision = self._policy.decide(
-            cause if isinstance(cause, Exception) else exc, attempt, now, creating=False
-        )
+        # A file AEP would not complete is retried like any other failure, up to the same bound.
+        decision = self._policy.decide(exc, attempt, now, creating=False)
         error = exc.summary() if isinstance(exc, AepError) else f"{type(exc).__name__}: {exc}"[:500]
-        if decision.kind == "fail" and not isinstance(exc, FileRestart):
+        if decision.kind == "fail":
             await self._give_up(stage, decision.reason, now)
             return
         counted = decision.kind != "release"
         next_at = now + timedelta(seconds=decision.delay)
-        await written(self._store.stage_retry(stage, error, next_at, now, counted=counted))
+        retry = self._store.stage_retry(stage, error, next_at, now, attempts=attempt if counted else None)
+        await written(retry)
         if counted:
             self.stats.retries += 1
             self._observer.retry_scheduled(decision.reason.split(":", 1)[0])
@@ -338,7 +339,7 @@ class UploadStage:
     async def _put_back(self, stage: Stage) -> None:
         now = self._clock.now()
         try:
-            await self._store.stage_retry(stage, None, now, now, counted=False)
+            await self._store.stage_retry(stage, None, now, now, attempts=None)
         except Exception as error:  # noqa: BLE001 - the lease then runs out and the step is taken over
             log.error("stage.outcome_not_recorded", error=describe(error))
         log.warning("stage.interrupted")

@@ -462,5 +462,6 @@ class StageStore(Protocol):
     ) -> bool: ...
 
     async def stage_retry(
-        self, stage: Stage, error: str | None, next_at: datetime, now: datetime, *, counted: bool = True
-    ) -> bool: ...
+        self, stage: Stage, error: str | None, next_at: datetime, now: datetime, *, attempts: int | None
+    ) -> bool:
+        """The step's `attempts`-th failure in a row (None: put back, not counted)."""

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
-from uuid import uuid4
 
 from sqlalchemy import (
     RowMapping,
@@ -31,23 +30,13 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from orchestrator.messages import FileRef
 from orchestrator.store.base import BatchRecord, Stage, State, Step, UploadFile
-from orchestrator.store.schema import batch_lifecycle, batch_request, upload_file
+from orchestrator.store.schema import NO_LEASE, OUTCOME, batch_lifecycle, batch_request, upload_file
 
 if TYPE_CHECKING:
+    from sqlalchemy import Table
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from orchestrator.store.sql import _Tx
-
-_NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
-# What a state change of the request hands back (the trail's key, and what an event reports).
-_REQUEST_OUTCOME = (
-    batch_request.c.id,
-    batch_request.c.request_id,
-    batch_request.c.dataset_id,
-    batch_request.c.batch_id,
-    batch_request.c.batch_status,
-    batch_request.c.last_error,
-)
 
 
 def files_json(files: Sequence[FileRef]) -> str | None:
@@ -75,6 +64,19 @@ class LifecycleQueries:
         def _lease_clock(self, now: datetime) -> Any: ...
 
         async def _run_write(self, run: Callable[[_Tx], Awaitable[Any]]) -> Any: ...
+
+        async def _lease_due(
+            self,
+            tx: _Tx,
+            table: Table,
+            key: ColumnElement[Any],
+            due: Any,
+            claimable: tuple[ColumnElement[bool], ...],
+            owner: str,
+            lease_seconds: float,
+            now: datetime,
+            **values: Any,
+        ) -> tuple[list[RowMapping], set[int]]: ...
 
         def _lock_for_claim(self, statement: Any) -> Any: ...
 
@@ -137,25 +139,12 @@ class LifecycleQueries:
         )
 
         async def run(tx: _Tx) -> list[Stage]:
-            found = (await tx.connection.execute(due)).all()
-            if not found:
-                return []
-            ids = [pk for pk, _ in found]
-            taken_over = {pk for pk, leased in found if leased}
-            token = uuid4().hex
-            claimed = (
-                update(batch_lifecycle)
-                .where(life.batch_request_id.in_(ids), *claimable)
-                .values(
-                    lease_token=token,
-                    lease_owner=owner,
-                    lease_expires_at=self._lease_clock(now) + timedelta(seconds=lease_seconds),
-                )
-                .returning(*batch_lifecycle.c)
+            leased, taken_over = await self._lease_due(
+                tx, batch_lifecycle, life.batch_request_id, due, claimable, owner, lease_seconds, now
             )
-            rows = {row["batch_request_id"]: row for row in (await tx.connection.execute(claimed)).mappings()}
-            if not rows:
+            if not leased:
                 return []
+            rows = {row["batch_request_id"]: row for row in leased}
             requested = select(batch_request).where(batch_request.c.id.in_(list(rows)))
             requests = {
                 row["id"]: self._record(row) for row in (await tx.connection.execute(requested)).mappings()
@@ -182,10 +171,8 @@ class LifecycleQueries:
                 )
                 for pk in starting:
                     tx.trail(pk, now, State.CREATED, State.UPLOADING, 0, "upload stage started")
-            order = {pk: index for index, pk in enumerate(ids)}
             stages = []
-            for pk in sorted(rows, key=order.__getitem__):
-                row = rows[pk]
+            for pk, row in rows.items():  # in the order they were due
                 record = requests[pk]
                 if pk in starting:
                     record = replace(record, state=State.UPLOADING)
@@ -194,7 +181,7 @@ class LifecycleQueries:
                         pk=pk,
                         record=record,
                         step=Step(row["step"]),
-                        lease=token,
+                        lease=row["lease_token"],
                         attempts=row["attempts"],
                         files=tuple(files[pk]),
                         polls=row["polls"],
@@ -377,12 +364,13 @@ class LifecycleQueries:
         return await self._move(stage, now, changes, to_state, detail, **request)
 
     async def stage_retry(
-        self, stage: Stage, error: str | None, next_at: datetime, now: datetime, *, counted: bool = True
+        self, stage: Stage, error: str | None, next_at: datetime, now: datetime, *, attempts: int | None
     ) -> bool:
-        """The step failed (`counted`) or was put back (not counted): due again at `next_at`."""
+        """The step failed, its `attempts`-th failure in a row, or was put back (`attempts` None, not
+        counted): due again at `next_at`."""
         changes: dict[str, Any] = {"next_at": next_at}
-        if counted:
-            changes["attempts"] = batch_lifecycle.c.attempts + 1
+        if attempts is not None:
+            changes["attempts"] = attempts
             changes["last_error"] = error
 
         async def run(tx: _Tx) -> bool:
@@ -416,7 +404,7 @@ class LifecycleQueries:
                     update(batch_request)
                     .where(batch_request.c.id == stage.pk)
                     .values(**values)
-                    .returning(*_REQUEST_OUTCOME)
+                    .returning(*OUTCOME)
                 )
             ).one()
             if to_state is not None and to_state is not stage.record.state:
@@ -434,7 +422,7 @@ class LifecycleQueries:
         """Apply `changes` to the stage's row while its lease is still the stage's; without
         `keep_lease` the lease is dropped (the step's outcome is written)."""
         life = batch_lifecycle.c
-        values = changes if keep_lease else {**changes, **_NO_LEASE}
+        values = changes if keep_lease else {**changes, **NO_LEASE}
         statement = update(batch_lifecycle).where(
             life.batch_request_id == stage.pk, life.lease_token == stage.lease
         )

@@ -237,3 +237,18 @@ upload_file = Table(
     Column("initialized", Boolean, nullable=False),  # a large file's INITIALIZE was answered
     Column("done", Boolean, nullable=False),
 )
+
+
+# What a write that ends a lease sets.
+NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
+# What a state change of a request hands back: the row's key, what an event reports of the outcome,
+# and the files a new lifecycle starts with.
+OUTCOME = (
+    batch_request.c.id,
+    batch_request.c.request_id,
+    batch_request.c.dataset_id,
+    batch_request.c.batch_id,
+    batch_request.c.batch_status,
+    batch_request.c.last_error,
+    batch_request.c.files,
+)

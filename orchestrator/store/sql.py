@@ -61,6 +61,8 @@ from orchestrator.store.base import (
 from orchestrator.store.engine import async_url, open_engine, reader
 from orchestrator.store.lifecycle import LifecycleQueries, files_from_json, files_json
 from orchestrator.store.schema import (
+    NO_LEASE,
+    OUTCOME,
     batch_event,
     batch_lifecycle,
     batch_request,
@@ -78,17 +80,6 @@ _MIGRATION_LOCK = 7_305_412_001
 
 _UNFINISHED = batch_request.c.state.in_([State.PENDING.value, State.RETRYING.value])
 _DUE = batch_request.c.next_attempt_at.is_not(None)  # the same rows (ck_batch_request_due)
-_NO_LEASE: dict[str, Any] = {"lease_token": None, "lease_owner": None, "lease_expires_at": None}
-# What a fenced update hands back: the row's key, and what an event reports of the outcome.
-_OUTCOME = (
-    batch_request.c.id,
-    batch_request.c.request_id,
-    batch_request.c.dataset_id,
-    batch_request.c.batch_id,
-    batch_request.c.batch_status,
-    batch_request.c.last_error,
-    batch_request.c.files,
-)
 # Records as users see them: the request, and its lifecycle when it has one.
 _LIFE_COLUMNS = (
     batch_lifecycle.c.step.label("life_step"),
@@ -127,8 +118,8 @@ def _build_fenced_update(columns: tuple[str, ...], expressions: dict[str, Clause
             batch_request.c.request_id == bindparam("fence_request_id"),
             batch_request.c.lease_token == bindparam("fence_lease"),
         )
-        .values(**binds, **expressions, **_NO_LEASE)
-        .returning(*_OUTCOME)
+        .values(**binds, **expressions, **NO_LEASE)
+        .returning(*OUTCOME)
     )
 
 
@@ -150,7 +141,7 @@ def _build_update_by_id(columns: tuple[str, ...], expressions: dict[str, ClauseE
     return (
         update(batch_request)
         .where(batch_request.c.id == bindparam("pk"))
-        .values(**binds, **expressions, **_NO_LEASE)
+        .values(**binds, **expressions, **NO_LEASE)
     )
 
 
@@ -424,32 +415,18 @@ class SqlBatchStore(LifecycleQueries):
             }
 
         async def run(tx: _Tx) -> list[Claim]:
-            found = (await tx.connection.execute(due)).all()
-            if not found:
-                return []
-            ids = [pk for pk, _ in found]
-            taken_over = {pk for pk, leased in found if leased}
-            # One lease token for the claim: it fences per row together with the request id, and a
-            # single bound value keeps the statement cacheable (a CASE per row was compiled anew
-            # on every claim).
-            token = uuid4().hex
-            statement = (
-                update(batch_request)
-                # The conditions again: should a row have been claimed since the SELECT (possible on
-                # PostgreSQL only without the row lock), this skips it rather than claiming it twice.
-                .where(batch_request.c.id.in_(ids), *claimable)
-                .values(
-                    lease_token=token,
-                    lease_owner=owner,
-                    lease_expires_at=self._lease_clock(now) + timedelta(seconds=lease_seconds),
-                    updated_at=now,
-                    **counted,
-                )
-                .returning(*batch_request.c)
+            rows, taken_over = await self._lease_due(
+                tx,
+                batch_request,
+                batch_request.c.id,
+                due,
+                claimable,
+                owner,
+                lease_seconds,
+                now,
+                updated_at=now,
+                **counted,
             )
-            rows = (await tx.connection.execute(statement)).mappings().all()
-            position = {pk: index for index, pk in enumerate(ids)}
-            rows = sorted(rows, key=lambda row: position[row["id"]])
             return [
                 Claim(
                     record=_record(row),
@@ -463,6 +440,48 @@ class SqlBatchStore(LifecycleQueries):
 
         claims: list[Claim] = await self._write(_Op(run=run))
         return claims
+
+    async def _lease_due(
+        self,
+        tx: _Tx,
+        table: Table,
+        key: ColumnElement[Any],
+        due: Any,
+        claimable: tuple[ColumnElement[bool], ...],
+        owner: str,
+        lease_seconds: float,
+        now: datetime,
+        **values: Any,
+    ) -> tuple[list[RowMapping], set[int]]:
+        """Lease the rows `due` selects (their `key` and whether a lease was left on them), with one
+        token for the claim, for `lease_seconds` on the lease clock, setting `values` too. Returns the
+        leased rows whole, in the order `due` gave them, and the keys of those taken over (a lease
+        was still set: its holder died or stalled)."""
+        found = (await tx.connection.execute(due)).all()
+        if not found:
+            return [], set()
+        ids = [pk for pk, _ in found]
+        taken_over = {pk for pk, leased in found if leased}
+        # One lease token for the claim: it fences per row together with the row's key, and a
+        # single bound value keeps the statement cacheable (a CASE per row was compiled anew on
+        # every claim).
+        token = uuid4().hex
+        statement = (
+            update(table)
+            # The conditions again: should a row have been claimed since the SELECT (possible on
+            # PostgreSQL only without the row lock), this skips it rather than claiming it twice.
+            .where(key.in_(ids), *claimable)
+            .values(
+                lease_token=token,
+                lease_owner=owner,
+                lease_expires_at=self._lease_clock(now) + timedelta(seconds=lease_seconds),
+                **values,
+            )
+            .returning(*table.c)
+        )
+        rows = (await tx.connection.execute(statement)).mappings().all()
+        position = {pk: index for index, pk in enumerate(ids)}
+        return sorted(rows, key=lambda row: position[row[key]]), taken_over
 
     def _lock_for_claim(self, statement: Any) -> Any:
         if self._postgres:
@@ -692,7 +711,7 @@ class SqlBatchStore(LifecycleQueries):
         transaction excludes every other writer from the read to the update; on PostgreSQL the read
         locks the rows."""
         pairs = [(outcome.claim.record.request_id, outcome.claim.lease) for outcome in outcomes]
-        leases = select(*_OUTCOME, batch_request.c.lease_token).where(
+        leases = select(*OUTCOME, batch_request.c.lease_token).where(
             tuple_(batch_request.c.request_id, batch_request.c.lease_token).in_(pairs)
         )
         locked: set[tuple[str, str]] = set()
@@ -1012,7 +1031,7 @@ class SqlBatchStore(LifecycleQueries):
                 last_error=None,  # the trail's failed row keeps it
                 reconcile_at=None,
                 updated_at=now,
-                **_NO_LEASE,
+                **NO_LEASE,
             )
             .returning(batch_request.c.id, batch_request.c.request_id)
         )

@@ -19,6 +19,7 @@ from yarl import URL
 
 from orchestrator.aep.simulator import Simulator, SimulatorConfig, add_arguments, config_from_args
 from orchestrator.clock import ManualClock
+from tests.unit.fakes import until
 
 IMPORT = "/data/foundation/import/batches"
 CATALOG = "/data/foundation/catalog/batches"
@@ -129,15 +130,6 @@ async def start() -> AsyncIterator[Callable[..., Any]]:
         yield make
         for simulator in started:
             await simulator.stop()
-
-
-async def until(predicate: Callable[[], bool]) -> None:
-    """Wait for something the server does on its own time (not a fixed sleep)."""
-    for _ in range(400):
-        if predicate():
-            return
-        await asyncio.sleep(0.005)
-    raise AssertionError("condition never became true")
 
 
 def sha(data: bytes) -> str:

@@ -523,3 +523,36 @@ async def test_requeued_after_aep_failed_it_starts_its_files_over(store: SqlBatc
     assert api.batches["b2"].files.keys() == {"part=a/one.json"}
     assert api.batches[first_batch].status == "failed"
     assert re.fullmatch(r"done", record.lifecycle.step if record.lifecycle else "")
+
+
+async def test_a_large_file_aep_will_not_complete_is_sent_again_from_its_start(
+    store: SqlBatchStore, root: Path
+) -> None:
+    clock, api = ManualClock(), FakeAep()
+    batch_id = await created(store, api, clock, "r1", "big.bin")
+    api.fail["files.complete"] = [http(400, "files.complete")]
+
+    async with Stage(store, api, clock, root, threshold=100, part_size=400) as running:
+        record = await running.until("r1", State.SUCCEEDED)
+
+    assert api.batches[batch_id].files["big.bin"] == (root / "big.bin").read_bytes()
+    assert api.endpoints().count("files.initialize") == 2  # started over after the refusal
+    assert record.batch_status == "success"
+
+
+async def test_a_file_aep_never_completes_fails_after_the_attempts_despite_its_parts(
+    store: SqlBatchStore, root: Path
+) -> None:
+    # Every round sends all its parts (progress) and then is refused: that is no progress, so the
+    # failures in a row add up and the request fails instead of sending the file forever.
+    clock, api = ManualClock(), FakeAep()
+    batch_id = await created(store, api, clock, "r1", "big.bin")
+    api.fail["files.complete"] = [http(400, "files.complete")] * 10
+
+    async with Stage(store, api, clock, root, threshold=100, part_size=400, max_attempts=3) as running:
+        record = await running.until("r1", State.FAILED)
+
+    assert api.endpoints().count("files.complete") == 3
+    assert record.last_error is not None
+    assert "gave up after 3 attempts" in record.last_error
+    assert api.batches[batch_id].status == "aborted"
