@@ -19,7 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from orchestrator import logs
+from orchestrator import eventloop, logs
 from orchestrator.messages import (
     DATASET_ID,
     INPUT_FORMATS,
@@ -218,7 +218,7 @@ def _run(settings: Settings, until_idle: bool) -> int:
     problems = settings.aep.credentials_problems()
     if problems:
         raise ConfigError(problems)
-    return asyncio.run(service.run(settings, until_idle=until_idle))
+    return eventloop.run(service.run(settings, until_idle=until_idle))
 
 
 # -- enqueue -----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ bar, and prints a summary checked against what the simulator itself saw.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import shlex
@@ -21,7 +20,7 @@ from pydantic import AnyHttpUrl, SecretStr
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from orchestrator import logs, service
+from orchestrator import eventloop, logs, service
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
 from orchestrator.queues import publish_to
 from orchestrator.settings import Settings
@@ -111,7 +110,7 @@ def _fresh_directory(path: Path) -> None:
 
 
 def main(settings: Settings, count: int) -> int:
-    return asyncio.run(_demo(settings, count))
+    return eventloop.run(_demo(settings, count))
 
 
 async def _demo(base: Settings, count: int) -> int:

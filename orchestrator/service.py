@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from orchestrator import logs
+from orchestrator import eventloop, logs
 from orchestrator.aep.auth import token_provider
 from orchestrator.aep.client import AepClient
 from orchestrator.clock import Clock, SystemClock, sleep_until_set
@@ -256,6 +256,7 @@ async def run(
                 period=settings.limits.period,
                 concurrency=settings.limits.concurrency,
                 until_idle=until_idle,
+                event_loop=eventloop.name(),
             )
             intake_task = asyncio.create_task(parts.intake.run(stop), name="intake")
             dispatch_task = asyncio.create_task(parts.dispatcher.run(stop), name="dispatcher")

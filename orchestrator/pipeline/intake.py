@@ -32,6 +32,10 @@ log = logs.get("intake")
 
 T = TypeVar("T")
 
+# How long intake trusts its own count of the room under the backlog bound (seconds): the store is
+# asked again once that much time has passed, or as soon as the room counted falls below a batch.
+ROOM_CHECK = 1.0
+
 _RESULTS = {AddResult.ADDED: "accepted", AddResult.DUPLICATE: "duplicate", AddResult.CONFLICT: "conflict"}
 
 
@@ -71,11 +75,14 @@ class Intake:
         self.stats = IntakeStats()
         self._throttled = False
         self._outage = StoreOutage(clock, "intake")
+        # The room under `max_backlog` as last counted, less what was added since (see `_room`).
+        self._room_left = 0
+        self._room_counted_at = clock.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                room = self._max_backlog - await self._store.unfinished()
+                room = await self._room()
             except Exception as exc:  # noqa: BLE001 - the store is unavailable: wait for it
                 await self._outage.wait(exc, stop)
                 continue
@@ -96,6 +103,20 @@ class Intake:
                 await self._outage.wait(failure.__cause__ or failure, stop)
             else:
                 self._outage.answered()
+
+    async def _room(self) -> int:
+        """How many more requests may be recorded before the backlog bound is reached.
+
+        Counting the unfinished requests is a query; asking it before every receive cost a read per
+        batch. Only this intake's own adds shrink the room between counts (the dispatcher's work
+        only grows it), so the count is kept and reduced by each add, and the store asked again
+        when the room left is under a batch, or after ROOM_CHECK seconds (another replica's intake
+        on the same store adds too)."""
+        now = self._clock.monotonic()
+        if self._room_left < self._batch_size or now - self._room_counted_at >= ROOM_CHECK:
+            self._room_left = self._max_backlog - await self._store.unfinished()
+            self._room_counted_at = now
+        return self._room_left
 
     async def handle(self, delivery: Delivery) -> None:
         """Record `delivery` in the store, then ack it (`handle_all` of one)."""
@@ -124,6 +145,7 @@ class Intake:
                 for delivery, _ in valid:
                     await self._queue.release(delivery)
                 raise NotRecorded from exc
+            self._room_left -= results.count(AddResult.ADDED)
             for (delivery, request), result in zip(valid, results, strict=True):
                 await self._queue.ack(delivery)
                 self._accepted(delivery, request, result)

@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from orchestrator.clock import ManualClock
 from orchestrator.files import FileSources
-from orchestrator.pipeline.intake import Intake
+from orchestrator.pipeline.intake import ROOM_CHECK, Intake
 from orchestrator.queues.base import Delivery, Publisher, Queue
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
@@ -233,6 +233,50 @@ async def test_run_takes_everything_in_batches(store: SqlBatchStore, clock: Manu
     assert (intake.stats.added, intake.stats.rejected) == (10, 1)
     assert max(queue.receive_calls) == 4
     assert await queue.is_empty()
+
+
+async def test_room_is_counted_once_per_many_batches(
+    store: SqlBatchStore, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The unfinished count is a query: asked once, then kept and reduced by each batch's adds.
+    counted: list[int] = []
+    unfinished = store.unfinished
+
+    async def counting() -> int:
+        counted.append(await unfinished())
+        return counted[-1]
+
+    monkeypatch.setattr(store, "unfinished", counting)
+    queue = FakeQueue()
+    intake = make_intake(queue, store, clock, max_backlog=1000, batch_size=4)
+    await queue.publish([msg(requestId=f"r{i}") for i in range(40)])
+    stop = asyncio.Event()
+    task = asyncio.create_task(intake.run(stop))
+    await until(lambda: len(queue.acked) == 40)
+    assert counted == [0]
+    clock.advance(ROOM_CHECK)  # trusted for ROOM_CHECK seconds, then counted again
+    await queue.publish([msg(requestId="r40")])
+    await until(lambda: len(queue.acked) == 41)
+    stop.set()
+    await asyncio.wait_for(task, 1)
+    assert len(counted) == 2  # once more, before or after r40's batch
+    assert counted[1] >= 40
+
+
+async def test_the_bound_holds_when_batches_are_counted_down(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    queue = FakeQueue()
+    intake = make_intake(queue, store, clock, max_backlog=10, batch_size=4)
+    await queue.publish([msg(requestId=f"r{i}") for i in range(30)])
+    stop = asyncio.Event()
+    task = asyncio.create_task(intake.run(stop))
+    await until(lambda: clock.sleepers == 1)  # paused at the bound
+    stop.set()
+    await asyncio.wait_for(task, 1)
+    assert await store.unfinished() == 10
+    assert queue.receive_calls == [4, 4, 2]  # the last batch only as large as the room left
+    assert len(queue.ready) == 20
 
 
 async def test_backpressure_pauses_receive(store: SqlBatchStore, clock: ManualClock) -> None:
