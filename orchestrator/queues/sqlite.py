@@ -29,6 +29,9 @@ the queue holds only messages in flight, so a future change can drain and recrea
 
 from __future__ import annotations
 
+import functools
+import json
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from uuid import uuid4
@@ -43,7 +46,6 @@ from sqlalchemy import (
     MetaData,
     Table,
     Text,
-    delete,
     exists,
     func,
     literal_column,
@@ -58,7 +60,7 @@ from sqlalchemy.sql.dml import Update
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.owners import died_here, process_owner
 from orchestrator.queues.base import Delivery
-from orchestrator.store.engine import open_engine, reader
+from orchestrator.store.engine import on_driver, open_engine, reader
 
 DEFAULT_URL = "sqlite:///var/queue.db"
 
@@ -263,35 +265,10 @@ class SqliteQueue:
 
     async def _claim(self, limit: int) -> list[Delivery]:
         now = self._now()
-        due = (
-            select(queue_message.c.id)
-            .where(queue_message.c.queue == self.name, _LIVE, queue_message.c.visible_at <= now)
-            .order_by(queue_message.c.visible_at, queue_message.c.id)
-            .limit(limit)
-            .scalar_subquery()
-        )
-        # Ready rows and rows whose lease expired alike; one statement in a BEGIN IMMEDIATE
-        # transaction, so two consumers never lease the same row.
-        statement = (
-            update(queue_message)
-            .where(queue_message.c.id.in_(due))
-            .values(
-                status="leased",
-                attempts=queue_message.c.attempts + 1,
-                lease_owner=self._owner,
-                visible_at=now + self.lease_seconds,
-                updated_at=now,
-            )
-            .returning(
-                queue_message.c.id,
-                queue_message.c.message_id,
-                queue_message.c.payload,
-                queue_message.c.attempts,
-            )
-        )
+        lease = functools.partial(_lease_rows, self.name, self._owner, limit, now, now + self.lease_seconds)
         async with self._writer.begin() as connection:
             await self._apply_acks(connection)
-            rows = (await connection.execute(statement)).all()
+            rows = await on_driver(connection, lease)
         return [
             Delivery(body=payload, message_id=message_id, attempt=attempts, handle=_Lease(row, attempts))
             for row, message_id, payload, attempts in sorted(rows)
@@ -301,10 +278,10 @@ class SqliteQueue:
         """Delete the acked rows, in the caller's transaction."""
         # Taken before the await, so a concurrent call on this instance cannot apply them twice.
         acked, self._acked = self._acked, []
+        if not acked:
+            return
         try:
-            for start in range(0, len(acked), self.MAX_PENDING_ACKS):
-                chunk = acked[start : start + self.MAX_PENDING_ACKS]
-                await connection.execute(delete(queue_message).where(queue_message.c.id.in_(chunk)))
+            await on_driver(connection, functools.partial(_delete_rows, acked))
         except BaseException:
             self._acked[:0] = acked  # not applied: keep them for the next transaction
             raise
@@ -365,6 +342,32 @@ class SqliteQueue:
         if self._reader is None:
             raise RuntimeError("the queue is not open")
         return self._reader
+
+
+# The embedded queue's two statements per receive, sent to the driver directly (`on_driver`). The
+# literal `status IN ('ready', 'leased')` lets SQLite match the claim to ix_queue_message_live.
+_LEASE_ROWS = (
+    "UPDATE queue_message SET status = 'leased', attempts = attempts + 1, lease_owner = :owner, "
+    "visible_at = :until, updated_at = :now WHERE id IN ("
+    "SELECT id FROM queue_message WHERE queue = :queue AND status IN ('ready', 'leased') "
+    "AND visible_at <= :now ORDER BY visible_at, id LIMIT :limit) "
+    "RETURNING id, message_id, payload, attempts"
+)
+_DELETE_ROWS = "DELETE FROM queue_message WHERE id IN (SELECT value FROM json_each(?))"
+
+
+def _lease_rows(
+    queue: str, owner: str, limit: int, now: float, until: float, db: sqlite3.Connection
+) -> list[tuple[int, str, bytes, int]]:
+    """Lease up to `limit` deliverable rows (ready, or leased with the lease run out), in the order
+    they became visible; one statement in a BEGIN IMMEDIATE transaction, so two consumers never
+    lease the same row."""
+    parameters = {"owner": owner, "until": until, "now": now, "queue": queue, "limit": limit}
+    return db.execute(_LEASE_ROWS, parameters).fetchall()
+
+
+def _delete_rows(rows: list[int], db: sqlite3.Connection) -> None:
+    db.execute(_DELETE_ROWS, (json.dumps(rows),))
 
 
 def _lease(delivery: Delivery) -> _Lease:

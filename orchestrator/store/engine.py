@@ -42,17 +42,18 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
 
 from orchestrator.settings import ConfigError
 
 Synchronous = Literal["FULL", "NORMAL"]
+T = TypeVar("T")
 
 # A connection execution option: transactions on connections that carry it begin deferred.
 READ_ONLY = "orchestrator_read_only"
@@ -165,6 +166,27 @@ def use_wal(
                 raise
         sleep(min(uniform(0.0, window), max(0.0, deadline - monotonic())))
         window = min(window * 2, _WAL_RETRY_LAST)
+
+
+async def on_driver(connection: AsyncConnection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `work` with the sqlite3 connection under `connection`, in its transaction, on the
+    thread aiosqlite runs that connection's calls on, in order with them.
+
+    For the hottest writes (`store.sqlite_direct`, the embedded queue's claim): one hop to that
+    thread for all their statements, where SQLAlchemy's adapter makes three or four per statement
+    (cursor, execute, fetchall, close), each waking the event loop."""
+    pooled = await connection.get_raw_connection()
+    driver: Any = pooled.driver_connection  # aiosqlite.Connection
+    # `_execute` is how aiosqlite's own methods queue a call for its thread (pinned in
+    # pyproject.toml; tests/unit/test_sqlite_direct.py fails should a release change it).
+    try:
+        result: T = await driver._execute(work, driver._conn)
+    except sqlite3.Error as exc:
+        # As SQLAlchemy would raise it (OperationalError, IntegrityError, ...): callers see one
+        # kind of error from the store whichever path the write took.
+        name = getattr(work, "func", work).__name__
+        raise DBAPIError.instance(name, None, exc, sqlite3.Error) from exc
+    return result
 
 
 def reader(engine: AsyncEngine) -> AsyncEngine:

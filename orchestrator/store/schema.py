@@ -60,20 +60,32 @@ class UtcDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> Any:
         if value is None:
             return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime: the store takes timezone-aware times")
-        value = value.astimezone(UTC)
         if dialect.name == "sqlite":
-            return value.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
-        return value
+            return sqlite_text(value)
+        return aware(value).astimezone(UTC)
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
         if isinstance(value, str):
-            return datetime.fromisoformat(value).replace(tzinfo=UTC)
+            return from_sqlite_text(value)
         when: datetime = value
         return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("naive datetime: the store takes timezone-aware times")
+    return value
+
+
+def sqlite_text(value: datetime) -> str:
+    """A time as the store keeps it on SQLite: UTC, naive, microseconds always written."""
+    return aware(value).astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+
+
+def from_sqlite_text(value: str) -> datetime:
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 # INTEGER PRIMARY KEY is SQLite's rowid alias (a BIGINT key would not autoincrement there).

@@ -17,7 +17,7 @@ import asyncio
 import functools
 import itertools
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -46,6 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from orchestrator.messages import BatchRequest
+from orchestrator.store import sqlite_direct
 from orchestrator.store.base import (
     EVENT_TYPES,
     AddResult,
@@ -58,7 +59,7 @@ from orchestrator.store.base import (
     Step,
     event_body,
 )
-from orchestrator.store.engine import async_url, open_engine, reader
+from orchestrator.store.engine import async_url, on_driver, open_engine, reader
 from orchestrator.store.lifecycle import LifecycleQueries, files_from_json, files_json
 from orchestrator.store.schema import (
     NO_LEASE,
@@ -68,6 +69,7 @@ from orchestrator.store.schema import (
     batch_request,
     event_outbox,
     metadata,
+    sqlite_text,
 )
 
 __all__ = ["MIGRATIONS", "SqlBatchStore", "alembic_config", "metadata", "upgrade"]
@@ -364,6 +366,8 @@ class SqlBatchStore(LifecycleQueries):
     async def claim(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
         if limit <= 0:
             return []
+        if not self._postgres:
+            return await self._claim_direct(owner, limit, lease_seconds, now)
         claimable = (
             # Due times stay on the callers' clocks (each replica's `now`), unlike leases: skew there
             # only makes a request due a little early or late on a replica whose clock is off, and a
@@ -427,16 +431,24 @@ class SqlBatchStore(LifecycleQueries):
                 updated_at=now,
                 **counted,
             )
-            return [
-                Claim(
-                    record=_record(row),
-                    lease=row["lease_token"],
-                    attempt=row["attempts"],
-                    needs_lookup=bool(row["needs_lookup"]),
-                    taken_over=row["id"] in taken_over,
-                )
-                for row in rows
-            ]
+            return _claims(rows, taken_over)
+
+        claims: list[Claim] = await self._write(_Op(run=run))
+        return claims
+
+    async def _claim_direct(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
+        """`claim` on SQLite, as one call to the driver (`sqlite_direct.lease_due`)."""
+        lease = functools.partial(
+            sqlite_direct.lease_due,
+            owner,
+            uuid4().hex,
+            limit,
+            sqlite_text(now),
+            sqlite_text(now + timedelta(seconds=lease_seconds)),
+        )
+
+        async def run(tx: _Tx) -> list[Claim]:
+            return _claims(*await on_driver(tx.connection, lease))
 
         claims: list[Claim] = await self._write(_Op(run=run))
         return claims
@@ -753,6 +765,24 @@ class SqlBatchStore(LifecycleQueries):
             results.append(_LOCKED if pair in locked else row is not None)
         return results
 
+    async def _outcomes_direct(self, tx: _Tx, outcomes: list[_Outcome]) -> list[bool]:
+        """`_outcomes` on SQLite, as one call to the driver (`sqlite_direct.write_outcomes`); only
+        for outcomes of plain values (no SQL expressions)."""
+        pairs = [(outcome.claim.record.request_id, outcome.claim.lease) for outcome in outcomes]
+        updates: dict[tuple[str, ...], list[tuple[tuple[str, str], tuple[Any, ...]]]] = {}
+        for outcome, pair in zip(outcomes, pairs, strict=True):
+            columns = tuple(sorted(outcome.values))
+            values = tuple(sqlite_direct.bind(outcome.values[name]) for name in columns)
+            updates.setdefault(columns, []).append((pair, values))
+        held = await on_driver(tx.connection, functools.partial(sqlite_direct.write_outcomes, pairs, updates))
+        results: list[bool] = []
+        for outcome, pair in zip(outcomes, pairs, strict=True):
+            row = held.get(pair)
+            if row is not None:
+                await self._recorded(tx, outcome, _after(_After(*row), outcome.values))
+            results.append(row is not None)
+        return results
+
     async def _recorded(self, tx: _Tx, outcome: _Outcome, row: Any) -> None:
         """The trail, event and lifecycle that go with an outcome written for `row` (its values after
         the update)."""
@@ -848,7 +878,7 @@ class SqlBatchStore(LifecycleQueries):
         assert self._engine is not None  # _write checked it and close() waits for this task
         results: list[Any] = []
         async with self._engine.begin() as connection:
-            tx = _Tx(connection)
+            tx = _Tx(connection, direct=not self._postgres)
             for kind, run in itertools.groupby(batch, key=_Op.kind):
                 ops = list(run)
                 if kind == "add":
@@ -857,6 +887,8 @@ class SqlBatchStore(LifecycleQueries):
                         taken = len(op.add or ())
                         results.append(added[:taken])
                         added = added[taken:]
+                elif kind == "outcome" and tx.direct and all(op.outcome and op.outcome.plain for op in ops):
+                    results.extend(await self._outcomes_direct(tx, [op.outcome for op in ops if op.outcome]))
                 elif kind == "outcome" and len(ops) > 1:
                     results.extend(await self._outcomes(tx, [op.outcome for op in ops if op.outcome]))
                 elif kind == "outcome":
@@ -872,28 +904,35 @@ class SqlBatchStore(LifecycleQueries):
         return results
 
     async def _add_many(self, tx: _Tx, requests: list[tuple[BatchRequest, datetime]]) -> list[AddResult]:
-        rows = [
-            {
-                "request_id": request.request_id,
-                "dataset_id": request.dataset_id,
-                "fingerprint": request.fingerprint,
-                "input_format": request.input_format,
-                "multiline_json": request.multiline_json,
-                "tags": json.dumps(request.tags, sort_keys=True),
-                "files": files_json(request.files),
-                "state": State.PENDING.value,
-                "attempts": 0,
-                "next_attempt_at": now,
-                "needs_lookup": False,
-                "created_at": now,
-                "updated_at": now,
-            }
-            for request, now in requests
-        ]
-        # executemany: SQLAlchemy sends it as multi-row INSERTs of a cached statement ("insertmanyvalues"),
-        # where `.values(rows)` compiled a new statement for every batch.
-        statement = self._add_statement
-        inserted = {request_id: pk for pk, request_id in await tx.connection.execute(statement, rows)}
+        rows = []
+        for request, now in requests:
+            stamp: datetime | str = sqlite_text(now) if tx.direct else now
+            rows.append(
+                # sqlite_direct.ADD_COLUMNS
+                (
+                    request.request_id,
+                    request.dataset_id,
+                    request.fingerprint,
+                    request.input_format,
+                    request.multiline_json,
+                    json.dumps(request.tags, sort_keys=True),
+                    files_json(request.files),
+                    State.PENDING.value,
+                    0,
+                    stamp,
+                    False,
+                    stamp,
+                    stamp,
+                )
+            )
+        if tx.direct:
+            inserted = await on_driver(tx.connection, functools.partial(sqlite_direct.add_requests, rows))
+        else:
+            # executemany: SQLAlchemy sends it as multi-row INSERTs of a cached statement
+            # ("insertmanyvalues"), where `.values(rows)` compiled a new statement for every batch.
+            parameters = [dict(zip(sqlite_direct.ADD_COLUMNS, row, strict=True)) for row in rows]
+            found = await tx.connection.execute(self._add_statement, parameters)
+            inserted = {request_id: pk for pk, request_id in found}
         results: list[AddResult] = []
         others: list[int] = []
         for index, (request, now) in enumerate(requests):
@@ -906,13 +945,18 @@ class SqlBatchStore(LifecycleQueries):
                 tx.trail(pk, now, None, State.PENDING, 0, None)
         if others:
             # Never overwrite: the first request under a key is the one that counts.
-            keys = {requests[index][0].request_id for index in others}
-            found = await tx.connection.execute(
-                select(batch_request.c.request_id, batch_request.c.fingerprint).where(
-                    batch_request.c.request_id.in_(keys)
+            keys = sorted({requests[index][0].request_id for index in others})
+            fingerprints: dict[str, str]
+            if tx.direct:
+                lookup = functools.partial(sqlite_direct.fingerprints, keys)
+                fingerprints = await on_driver(tx.connection, lookup)
+            else:
+                found = await tx.connection.execute(
+                    select(batch_request.c.request_id, batch_request.c.fingerprint).where(
+                        batch_request.c.request_id.in_(keys)
+                    )
                 )
-            )
-            fingerprints: dict[str, str] = {request_id: fingerprint for request_id, fingerprint in found}
+                fingerprints = {request_id: fingerprint for request_id, fingerprint in found}
             for index in others:
                 request = requests[index][0]
                 if fingerprints[request.request_id] != request.fingerprint:
@@ -1165,6 +1209,11 @@ class _Outcome:
     to_state: State | None
     detail: str | None
 
+    @property
+    def plain(self) -> bool:
+        """Values only, no SQL expression among them."""
+        return not any(isinstance(value, ClauseElement) for value in self.values.values())
+
 
 class _Op:
     """One write: adds (merged with neighbouring adds), an outcome (merged with neighbouring
@@ -1202,12 +1251,14 @@ class _Op:
 
 
 class _Tx:
-    """A write transaction, collecting its trail and outbox rows to insert before commit."""
+    """A write transaction, collecting its trail and outbox rows to insert before commit. `direct`:
+    on SQLite, where they go to the driver directly (`sqlite_direct`)."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: AsyncConnection, *, direct: bool = False) -> None:
         self.connection = connection
-        self._trail: list[dict[str, Any]] = []
-        self._outbox: list[dict[str, Any]] = []
+        self.direct = direct
+        self._trail: list[tuple[int, datetime, str | None, str, int, str | None]] = []
+        self._outbox: list[tuple[str, str, datetime]] = []
         self.wrote_events = False
 
     def trail(
@@ -1220,16 +1271,8 @@ class _Tx:
         detail: str | None,
     ) -> None:
         """Append to the trail, in the transaction of the change it records."""
-        self._trail.append(
-            {
-                "batch_request_id": pk,
-                "at": at,
-                "from_state": None if from_state is None else from_state.value,
-                "to_state": to_state.value,
-                "attempt": attempt,
-                "detail": detail,
-            }
-        )
+        from_value = None if from_state is None else from_state.value
+        self._trail.append((pk, at, from_value, to_state.value, attempt, detail))
 
     def event(self, state: State, outcome: Any, at: datetime) -> None:
         """Put the batch event of a request that reached `state` in the outbox, in the transaction
@@ -1245,20 +1288,31 @@ class _Tx:
             error=outcome.last_error if state is State.FAILED else None,
             at=at,
         )
-        self._outbox.append(
-            {"event_id": event_id, "body": json.dumps(body, separators=(",", ":")), "created_at": at}
-        )
+        self._outbox.append((event_id, json.dumps(body, separators=(",", ":")), at))
 
     async def flush(self) -> None:
-        if self._trail:
-            await self.connection.execute(insert(batch_event), self._trail)
-            self._trail = []
-        if self._outbox:
-            await self.connection.execute(insert(event_outbox), self._outbox)
-            self._outbox = []
-            self.wrote_events = True
+        trail, outbox = self._trail, self._outbox
+        self._trail, self._outbox = [], []
+        self.wrote_events = self.wrote_events or bool(outbox)
+        if self.direct:
+            if trail or outbox:
+                rows = [(pk, sqlite_text(at), *rest) for pk, at, *rest in trail]
+                events = [(event_id, body, sqlite_text(at)) for event_id, body, at in outbox]
+                await on_driver(self.connection, functools.partial(sqlite_direct.write_trail, rows, events))
+            return
+        if trail:
+            trail_rows = [dict(zip(_TRAIL, row, strict=True)) for row in trail]
+            await self.connection.execute(insert(batch_event), trail_rows)
+        if outbox:
+            outbox_rows = [dict(zip(_OUTBOX, row, strict=True)) for row in outbox]
+            await self.connection.execute(insert(event_outbox), outbox_rows)
 
 
+# A request's row: from SQLAlchemy, or from the driver directly (`sqlite_direct`).
+_Row = RowMapping | Mapping[str, Any]
+# The columns of `_Tx`'s trail and outbox rows, in order.
+_TRAIL = ("batch_request_id", "at", "from_state", "to_state", "attempt", "detail")
+_OUTBOX = ("event_id", "body", "created_at")
 # An outcome whose row another transaction had locked (PostgreSQL): to be written alone.
 _LOCKED = object()
 # The trail row of a request an operator put back to pending (`orchestrator requeue`).
@@ -1283,7 +1337,21 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _record(row: RowMapping) -> BatchRecord:
+def _claims(rows: Sequence[_Row], taken_over: set[int]) -> list[Claim]:
+    """Leased rows as claims (`taken_over`: the ids of those whose earlier lease was still set)."""
+    return [
+        Claim(
+            record=_record(row),
+            lease=row["lease_token"],
+            attempt=row["attempts"],
+            needs_lookup=bool(row["needs_lookup"]),
+            taken_over=row["id"] in taken_over,
+        )
+        for row in rows
+    ]
+
+
+def _record(row: _Row) -> BatchRecord:
     tags: dict[str, list[str]] = json.loads(row["tags"])
     return BatchRecord(
         request_id=row["request_id"],
@@ -1308,7 +1376,7 @@ def _record(row: RowMapping) -> BatchRecord:
     )
 
 
-def _lifecycle(row: RowMapping) -> Lifecycle | None:
+def _lifecycle(row: _Row) -> Lifecycle | None:
     """The lifecycle columns of a `_RECORDS` row (None when the request has none, or the row was
     read without them)."""
     step = row.get("life_step")
