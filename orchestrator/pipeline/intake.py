@@ -146,8 +146,8 @@ class Intake:
                     await self._queue.release(delivery)
                 raise NotRecorded from exc
             self._room_left -= results.count(AddResult.ADDED)
+            await self._queue.ack_many([delivery for delivery, _ in valid])
             for (delivery, request), result in zip(valid, results, strict=True):
-                await self._queue.ack(delivery)
                 self._accepted(delivery, request, result)
         if failure is not None:
             raise failure

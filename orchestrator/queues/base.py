@@ -63,6 +63,10 @@ class Consumer(Protocol):
     async def ack(self, delivery: Delivery) -> None:
         """The message is recorded; the broker may forget it."""
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """`ack` of each, in one call: the messages of one `receive` recorded together. Adapters whose
+        broker settles many messages in one command use it."""
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         """The message is invalid: move it to the dead-letter destination with its reason."""
 

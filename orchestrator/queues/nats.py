@@ -268,6 +268,11 @@ class NatsQueue:
     async def ack(self, delivery: Delivery) -> None:
         await self._settle(delivery, Msg.Ack.Ack)
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        # JetStream acks one message at a time (AckAll would also ack what other pulls hold).
+        for delivery in deliveries:
+            await self.ack(delivery)
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         received = _received(delivery)
         headers = {

@@ -242,6 +242,33 @@ class RabbitQueue:
         receipt = _receipt(delivery)
         await self._settle(receipt, receipt.message.ack, "queue.ack_failed")
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """One `basic.ack` with `multiple` for the lot when that settles exactly them: every
+        delivery the channel holds unsettled up to the last of them is among them (a frame per
+        message was a twentieth of the brokered path's CPU). Otherwise, one ack each."""
+        receipts = [_receipt(delivery) for delivery in deliveries]
+        if len(receipts) < 2:
+            for receipt in receipts:
+                await self._settle(receipt, receipt.message.ack, "queue.ack_failed")
+            return
+        session = receipts[0].session
+        messages = {receipt.message for receipt in receipts}
+        last = max(receipts, key=lambda receipt: receipt.message.delivery_tag or 0)
+        top = last.message.delivery_tag
+        alone = (
+            top is None
+            or any(receipt.session is not session for receipt in receipts)
+            or any(receipt.message.delivery_tag is None for receipt in receipts)
+            # Delivered before the last of them and not among them: another batch's, still held.
+            or any(m not in messages and (m.delivery_tag or 0) <= top for m in session.held)
+        )
+        if alone:
+            for receipt in receipts:
+                await self._settle(receipt, receipt.message.ack, "queue.ack_failed")
+            return
+        session.held.difference_update(messages)
+        await self._settle(last, partial(last.message.ack, multiple=True), "queue.ack_failed")
+
     async def release(self, delivery: Delivery) -> None:
         receipt = _receipt(delivery)
         await self._settle(receipt, partial(receipt.message.nack, requeue=True), "queue.release_failed")

@@ -226,13 +226,25 @@ class RedisStreamQueue:
             await self._clock.sleep(min(remaining, self._retry_at - self._clock.monotonic()))
 
     async def ack(self, delivery: Delivery) -> None:
-        entry_id = _entry(delivery).entry_id
+        await self.ack_many([delivery])
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        entry_ids = [_entry(delivery).entry_id for delivery in deliveries]
+        if not entry_ids:
+            return
         try:
-            await self._ack([entry_id])
+            await self._ack(entry_ids)  # one XACK for them all
         except _DOWN as exc:
-            # Intake must go on: the request is recorded, so the ack can wait for the connection.
-            self._unsent_acks.add(entry_id)
-            log.warning("queue.ack_deferred", queue=self.name, entry=entry_id.decode(), error=str(exc))
+            # Intake must go on: the requests are recorded, so the acks can wait for the connection.
+            for entry_id in entry_ids:
+                self._unsent_acks.add(entry_id)
+            log.warning(
+                "queue.ack_deferred",
+                queue=self.name,
+                entry=entry_ids[0].decode(),
+                entries=len(entry_ids),
+                error=str(exc),
+            )
 
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         entry = _entry(delivery)

@@ -233,6 +233,10 @@ class SqliteQueue:
             async with self._writer.begin() as connection:
                 await self._apply_acks(connection)
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:  # each only remembered (see `ack`): nothing to save
+            await self.ack(delivery)
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         lease = _lease(delivery)
         statement = (

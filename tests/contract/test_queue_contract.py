@@ -54,6 +54,26 @@ async def test_published_messages_are_delivered_once_acked(broker: Broker) -> No
         assert await consumer.receive(10, 0.2) == []
 
 
+async def test_messages_acked_together_are_settled_and_only_they(broker: Broker) -> None:
+    bodies = [f'{{"datasetId": "d{index}"}}'.encode() for index in range(5)]
+    assert await publish(broker, bodies) == 5
+    async with opened(broker.consumer()) as consumer:
+        earlier = await receive(consumer, 1)
+        later = await receive(consumer, 2)
+        await consumer.ack_many(later)
+        assert not await consumer.is_empty()  # the earlier delivery is still held, and the rest
+        rest = await receive(consumer, 2)
+        await consumer.ack_many(rest)
+        await consumer.ack_many([])
+        assert not await consumer.is_empty()
+        await consumer.ack_many(earlier)
+        assert await consumer.is_empty()
+        settled = {d.body for d in [*earlier, *later, *rest]}
+        assert settled == set(bodies)
+    async with opened(broker.consumer()) as again:
+        assert await again.receive(10, 0.5) == []
+
+
 async def test_a_released_message_comes_back_with_the_same_identity(broker: Broker) -> None:
     await publish(broker, [b'{"datasetId": "a"}'])
     async with opened(broker.consumer()) as consumer:

@@ -144,6 +144,37 @@ async def _ready_is(broker: RabbitBroker, count: int) -> bool:
     return await broker.ready() == count
 
 
+async def test_a_batch_is_acked_with_one_frame_unless_an_earlier_delivery_is_held(
+    broker: RabbitBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    acks: list[tuple[int | None, bool]] = []
+    ack = aio_pika.IncomingMessage.ack
+
+    async def counted(message: aio_pika.IncomingMessage, multiple: bool = False) -> None:
+        acks.append((message.delivery_tag, multiple))
+        await ack(message, multiple=multiple)
+
+    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", counted)
+    await broker.publish_many([body(i) for i in range(7)])
+    consumer = open_consumer(broker.url, broker.name)
+    await consumer.open()
+    try:
+        first = await receive(consumer, 3)
+        await consumer.ack_many(first)
+        assert acks == [(max(d.handle.message.delivery_tag for d in first), True)]  # type: ignore[attr-defined]
+        acks.clear()
+        held = await receive(consumer, 1)
+        later = await receive(consumer, 3)
+        # The held delivery is below the batch's last tag: multiple would settle it too.
+        await consumer.ack_many(later)
+        assert [multiple for _, multiple in acks] == [False, False, False]
+        await consumer.ack_many(held)
+        await eventually(lambda: settled_by_the_service(broker), "all 7 acked, none held or ready")
+    finally:
+        await consumer.close()
+    await eventually(lambda: _ready_is(broker, 0), "nothing given back at close")
+
+
 async def test_attempt_counts_deliveries(broker: RabbitBroker) -> None:
     await broker.publish_native(body(1))
     consumer = open_consumer(broker.url, broker.name)

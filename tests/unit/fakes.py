@@ -108,6 +108,10 @@ class FakeQueue:
         if self.on_ack is not None:
             self.on_ack(delivery)
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await self.ack(delivery)
+
     async def dead_letter(self, delivery: Delivery, reason: str) -> None:
         self._settle(delivery)
         self.dead.append((delivery, reason))
