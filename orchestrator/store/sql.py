@@ -1,10 +1,10 @@
 """The store on SQLAlchemy Core (async): SQLite through aiosqlite by default, PostgreSQL through asyncpg.
 
-One code path for both, except where they differ, which is said in place: the dialect's `INSERT … ON CONFLICT DO
-NOTHING`, `FOR UPDATE SKIP LOCKED` on PostgreSQL (SQLite needs none: `BEGIN IMMEDIATE` makes each
-write transaction the only writer), timestamps (SQLite keeps naive text; `UtcDateTime` stores UTC
-and hands back aware datetimes on both), the clock leases run on (`_lease_clock`), how writes
-reach the database (one group-committing writer on SQLite, concurrent pooled transactions on
+One code path for both, except where they differ, which is said in place: the dialect's `INSERT … ON
+CONFLICT DO NOTHING`, `FOR UPDATE SKIP LOCKED` on PostgreSQL (SQLite needs none: `BEGIN IMMEDIATE`
+makes each write transaction the only writer), timestamps (SQLite keeps naive text; `UtcDateTime`
+stores UTC and hands back aware datetimes on both), the clock leases run on (`_lease_clock`), how
+writes reach the database (one group-committing writer on SQLite, concurrent pooled transactions on
 PostgreSQL: see `SqlBatchStore`), and, on SQLite, the create path's writes (adds, claims, outcomes
 of plain values, trail and outbox rows), which go to the driver directly (`sqlite_direct`).
 
