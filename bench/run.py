@@ -71,6 +71,15 @@ TARGETS = {
 }
 
 
+def _bare_loop_cpu(throughput: dict[str, Any] | None) -> float | None:
+    """The bare aiohttp loop's CPU s per 1,000 requests in the throughput section (embedded run)."""
+    if throughput is None:
+        return None
+    embedded = throughput["backends"].get("embedded", {})
+    value = embedded.get("ceiling", {}).get("cpu_s_per_1000_requests")
+    return float(value) if value else None
+
+
 def _section(name: str) -> Callable[[Context], Section]:
     """The section function of bench/<module>.py, imported when it runs."""
     module = {"cpu": "cpu_profile", "enqueue": "enqueue_rate"}.get(name, name)
@@ -125,10 +134,14 @@ def summary_rows(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         brokered = c.get("rabbitmq_postgresql_cpu_s_per_1000_requests")
         areas = sorted(c["profile"]["shares"].items(), key=lambda item: -item[1])[:4]
         where = ", ".join(f"{area} {100 * share:.0f} %" for area, share in areas)
+        # The absolute figure moves with the machine's speed; beside the bare loop's CPU per request
+        # in the same run (its start-up included) it is comparable across runs.
+        bare = _bare_loop_cpu(figures("throughput"))
+        beside = f" = {value / bare:.1f} x the bare aiohttp loop's {bare:.2f}" if bare else ""
         add(
             "cpu",
             f"CPU s per 1,000 requests (= ms per request), embedded, {c['requests']} requests",
-            f"{value:.2f} beyond start-up ({c['cpu_s_per_1000_requests']:.2f} with the "
+            f"{value:.2f} beyond start-up{beside} ({c['cpu_s_per_1000_requests']:.2f} with the "
             f"{c['startup_cpu_s']:.1f} s of start-up"
             + (f"; RabbitMQ + PostgreSQL {brokered:.2f} with it" if brokered is not None else "")
             + f"); most in {where}",

@@ -53,3 +53,25 @@ def test_write_results_keeps_the_text_above_the_marker(bench: ModuleType, tmp_pa
     fresh.write_text(f"# My notes\n\nkept\n{bench.MARKER}\n\n## Run 1\n")
     bench.write_results("## Run 2", fresh)
     assert fresh.read_text() == f"# My notes\n\nkept\n\n{bench.MARKER}\n\n## Run 2\n"
+
+
+def test_the_cpu_row_sets_the_figure_beside_the_bare_loop_of_the_same_run(bench: ModuleType) -> None:
+    cpu = {
+        "requests": 5000,
+        "cpu_s_per_1000_requests_beyond_startup": 0.53,
+        "cpu_s_per_1000_requests": 0.77,
+        "startup_cpu_s": 1.2,
+        "profile": {"shares": {"asyncio event loop": 0.23, "aiohttp (client)": 0.22}},
+    }
+    ceiling = {"steady_rate": 4851.0, "cpu_s_per_1000_requests": 0.206}
+    service = {"steady_rate": 1752.0, "requests": 5000}
+    embedded = {"label": "embedded", "ceiling": ceiling, "service": service, "ratio_steady": 0.361}
+    throughput = {"backends": {"embedded": embedded}}
+    alone = bench.summary_rows({"cpu": {"figures": cpu}})
+    both = bench.summary_rows({"cpu": {"figures": cpu}, "throughput": {"figures": throughput}})
+
+    [row] = [row for row in alone if row["section"] == "cpu"]
+    assert row["value"].startswith("0.53 beyond start-up (0.77 with")
+    assert row["met"] is False
+    [row] = [row for row in both if row["section"] == "cpu"]
+    assert row["value"].startswith("0.53 beyond start-up = 2.6 x the bare aiohttp loop's 0.21 (0.77 with")
