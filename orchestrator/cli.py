@@ -63,7 +63,9 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from orchestrator.aep import simulator
+    # The simulator's options only: the simulator itself (aiohttp's server) is imported by the
+    # commands that run it, not by every command's start-up.
+    from orchestrator.aep import simulator_config
 
     parser = argparse.ArgumentParser(
         prog="orchestrator",
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     requeue.add_argument("--dry-run", action="store_true", help="list what would be requeued, change nothing")
 
     simulate = command("simulate", "run the local AEP + IMS simulator")
-    simulator.add_arguments(simulate)
+    simulator_config.add_arguments(simulate)
 
     demo = command("demo", "end to end on the embedded defaults against the simulator")
     demo.add_argument(

@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime
 from importlib import metadata
@@ -141,6 +143,17 @@ def test_message_body_is_what_intake_reads() -> None:
 
 
 # --- options --------------------------------------------------------------------------------------------
+
+
+def test_commands_other_than_simulate_and_demo_do_not_load_the_simulator() -> None:
+    # aiohttp's server and the simulator's modules were a third of `enqueue`'s start-up.
+    probe = (
+        "import sys; from orchestrator.cli import build_parser; build_parser().parse_args(['enqueue', 'x']); "
+        "print(sorted(m for m in sys.modules if m.startswith('orchestrator.aep.simulator')))"
+    )
+    command = [sys.executable, "-c", probe]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, timeout=60)  # noqa: S603
+    assert done.stdout.strip() == "['orchestrator.aep.simulator_config']"
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
