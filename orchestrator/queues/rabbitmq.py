@@ -247,16 +247,14 @@ class RabbitQueue:
         delivery the channel holds unsettled up to the last of them is among them (a frame per
         message was a twentieth of the brokered path's CPU). Otherwise, one ack each."""
         receipts = [_receipt(delivery) for delivery in deliveries]
-        if len(receipts) < 2:
-            for receipt in receipts:
-                await self._settle(receipt, receipt.message.ack, "queue.ack_failed")
+        if not receipts:
             return
         session = receipts[0].session
         messages = {receipt.message for receipt in receipts}
         last = max(receipts, key=lambda receipt: receipt.message.delivery_tag or 0)
-        top = last.message.delivery_tag
+        top = last.message.delivery_tag or 0
         alone = (
-            top is None
+            len(receipts) == 1
             or any(receipt.session is not session for receipt in receipts)
             or any(receipt.message.delivery_tag is None for receipt in receipts)
             # Delivered before the last of them and not among them: another batch's, still held.

@@ -775,7 +775,7 @@ class SqlBatchStore(LifecycleQueries):
             columns = tuple(sorted(outcome.values))
             values = tuple(sqlite_direct.bind(outcome.values[name]) for name in columns)
             updates.setdefault(columns, []).append((pair, values))
-        held = await on_driver(tx.connection, functools.partial(sqlite_direct.write_outcomes, pairs, updates))
+        held = await on_driver(tx.connection, functools.partial(sqlite_direct.write_outcomes, updates))
         results: list[bool] = []
         for outcome, pair in zip(outcomes, pairs, strict=True):
             row = held.get(pair)

@@ -145,14 +145,14 @@ def held(pairs: Sequence[tuple[str, str]], db: sqlite3.Connection) -> dict[tuple
 
 
 def write_outcomes(
-    pairs: Sequence[tuple[str, str]],
     updates: Mapping[tuple[str, ...], Sequence[tuple[tuple[str, str], tuple[Any, ...]]]],
     db: sqlite3.Connection,
 ) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """Outcomes written together, fenced by their leases: which of `pairs` still hold (`held`), then
-    per set of columns (`updates`: the columns, and per outcome its pair and values, times already
-    text) one executemany over the rows that hold, dropping their lease. Returns what `held` found."""
-    rows = held(pairs, db)
+    """Outcomes written together, fenced by their leases. `updates`: per set of columns, each
+    outcome's (request id, lease token) and values (times already text). Reads which leases still
+    hold (`held`), then per set of columns one executemany over the rows that hold, dropping their
+    lease. Returns what `held` found."""
+    rows = held([pair for outcomes in updates.values() for pair, _ in outcomes], db)
     for columns, outcomes in updates.items():
         parameters = [(*values, rows[pair][0]) for pair, values in outcomes if pair in rows]
         if parameters:
