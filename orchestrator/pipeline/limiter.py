@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from orchestrator import logs
 from orchestrator.clock import Clock, SystemClock
@@ -244,6 +245,11 @@ PROBE_INTERVAL = 1.0
 # The shortest wait before asking a full shared window again, so that a wait the server rounded
 # down to nothing cannot turn into a burst of round trips.
 MIN_WAIT = 0.001
+# Seconds from asking the shared window to the start beyond which the start's place is moved to when
+# it goes out (`SharedWindow.restamp`). The window is stamped when Redis runs the script; a replica
+# whose event loop or process was held up (a busy host, a long callback) sends later, and AEP counts
+# it then: a late start moved keeps its window from ending early for the other replicas.
+LATE_START = 0.01
 
 
 class Limiter:
@@ -386,6 +392,7 @@ class Limiter:
             # Asked after a loss, the window is also told of the starts made on the share since
             # (see _restored).
             backfill = self._throttler.recent() if self._lost_at is not None else 0
+            asked = self._clock.monotonic()
             try:
                 hit = await self._shared.hit(self._shared_limit, self._shared_window, backfill)
             except SharedUnavailable as exc:
@@ -401,6 +408,9 @@ class Limiter:
                 # This replica's own starts stay in its log too: should the shared window be lost,
                 # the share counts those of the last window.
                 self._throttler.note()
+                late = self._clock.monotonic() - asked
+                if late > LATE_START and hit.stamp is not None:
+                    self._in_background(self._restamp(hit.stamp, late))
                 return True
             if hit.signal is not None:
                 self._paused_elsewhere(hit.paused, hit.signal)
@@ -459,9 +469,22 @@ class Limiter:
         self._throttle_signals += 1
         self._report(self._controller.on_throttle(retry_after), status=status, retry_after=retry_after)
         if self._shared is not None and self._lost_at is None:
-            task = asyncio.create_task(self._share_pause(self._controller.pause_remaining()))
-            self._sharing.add(task)
-            task.add_done_callback(self._sharing.discard)
+            self._in_background(self._share_pause(self._controller.pause_remaining()))
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Tell the shared window something without holding up the call (awaited at `aclose`)."""
+        task = asyncio.create_task(work)
+        self._sharing.add(task)
+        task.add_done_callback(self._sharing.discard)
+
+    async def _restamp(self, stamp: str, late: float) -> None:
+        """Runs once the late call's task has yielded, that is once it went out (or is about to)."""
+        assert self._shared is not None
+        log.debug("limiter.start_late", late=round(late, 4))
+        try:
+            await self._shared.restamp(stamp, self._shared_window)
+        except SharedUnavailable as exc:
+            self._lose(str(exc))
 
     async def _share_pause(self, seconds: float) -> None:
         assert self._shared is not None

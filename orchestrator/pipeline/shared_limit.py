@@ -66,6 +66,8 @@ class Hit:
     signal: int | None = None
     # Replicas that started a call within PRESENCE seconds, this one included.
     replicas: int = 1
+    # An admitted start's entry in the window, for `SharedWindow.restamp`.
+    stamp: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,12 +92,16 @@ class SharedWindow(Protocol):
     async def pause(self, seconds: float) -> Pause:
         """Make the pause last at least `seconds` from now (it is never shortened)."""
 
+    async def restamp(self, stamp: str, window: float) -> None:
+        """Move the start admitted as `stamp` to now: it went out later than it was admitted."""
+
     async def close(self) -> None: ...
 
 
 # KEYS: the window (start times in ms, newest first), the pause, the replicas (a sorted set).
 # ARGV: limit, window (ms), entries kept, this replica, presence (ms), starts to backfill.
-# Replies {admitted, wait in ms (a string: Lua numbers become integers), pause signal or '', replicas}.
+# Replies {admitted, wait in ms (a string: Lua numbers become integers), pause signal or '', replicas,
+# the admitted start's stamp or ''}.
 HIT = """
 if redis.replicate_commands then redis.replicate_commands() end  -- TIME before writes (Redis < 7)
 local t = redis.call('TIME')
@@ -114,7 +120,7 @@ if backfill > 0 then
 end
 local paused = redis.call('PTTL', KEYS[2])
 if paused > 0 then
-  return {0, tostring(paused), redis.call('GET', KEYS[2]) or '', replicas}
+  return {0, tostring(paused), redis.call('GET', KEYS[2]) or '', replicas, ''}
 end
 local limit = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
@@ -122,13 +128,27 @@ local oldest = redis.call('LINDEX', KEYS[1], limit - 1)
 if oldest then
   local wait = tonumber(oldest) + window - now
   if wait > 0 then
-    return {0, string.format('%.3f', wait), '', replicas}
+    return {0, string.format('%.3f', wait), '', replicas, ''}
   end
 end
 redis.call('LPUSH', KEYS[1], stamp)
 redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[3]) - 1)
 redis.call('PEXPIRE', KEYS[1], math.ceil(window))
-return {1, '0', '', replicas}
+return {1, '0', '', replicas, stamp}
+"""
+
+# KEYS: the window. ARGV: the stamp to move, entries kept, window (ms). One entry of that stamp
+# becomes one of now, at the head where the newest are. Pushed even when the entry is gone (trimmed
+# by newer ones): the late start did go out now, and counting it once more only errs on the slow side.
+RESTAMP = """
+if redis.replicate_commands then redis.replicate_commands() end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+redis.call('LREM', KEYS[1], 1, ARGV[1])
+redis.call('LPUSH', KEYS[1], string.format('%.3f', now))
+redis.call('LTRIM', KEYS[1], 0, tonumber(ARGV[2]) - 1)
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
+return 1
 """
 
 # KEYS: the pause. ARGV: ms. The value is the signal: when it was last extended (server ms).
@@ -188,6 +208,7 @@ class RedisWindow:
         self._keep = keep
         self._hit = self._client.register_script(HIT)
         self._set_pause = self._client.register_script(PAUSE)
+        self._restamp = self._client.register_script(RESTAMP)
 
     async def ping(self) -> None:
         await self._call(lambda: self._client.ping())
@@ -196,9 +217,9 @@ class RedisWindow:
         keys = [self._window, self._pause, self._replicas]
         keep = max(self._keep, limit)
         args: list[str | int | float] = [limit, window * 1000, keep, self._member, PRESENCE * 1000, backfill]
-        admitted, wait, signal, replicas = await self._call(lambda: self._hit(keys=keys, args=args))
+        admitted, wait, signal, replicas, stamp = await self._call(lambda: self._hit(keys=keys, args=args))
         if admitted:
-            return Hit(True, replicas=int(replicas))
+            return Hit(True, replicas=int(replicas), stamp=stamp.decode())
         if signal:
             return Hit(False, paused=float(wait) / 1000, signal=int(signal), replicas=int(replicas))
         return Hit(False, wait=float(wait) / 1000, replicas=int(replicas))
@@ -207,6 +228,10 @@ class RedisWindow:
         ms = math.ceil(seconds * 1000)
         left, signal = await self._call(lambda: self._set_pause(keys=[self._pause], args=[max(1, ms)]))
         return Pause(int(left) / 1000, int(signal))
+
+    async def restamp(self, stamp: str, window: float) -> None:
+        args: list[str | int | float] = [stamp, self._keep, window * 1000]
+        await self._call(lambda: self._restamp(keys=[self._window], args=args))
 
     async def close(self) -> None:
         await self._client.aclose()

@@ -24,6 +24,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from orchestrator.aep.simulator import Simulator, SimulatorConfig
+from orchestrator.clock import SystemClock
 from orchestrator.queues import Consumer, Delivery, open_consumer, open_publisher
 from orchestrator.queues.rabbitmq import RabbitQueue
 from tests.conftest import REQUIRE_SERVICES
@@ -313,22 +314,21 @@ async def test_a_dead_letter_keeps_the_producer_s_id_and_headers(broker: RabbitB
 # -- through the CLI -----------------------------------------------------------------------------
 
 
-def service_env(tmp_path: Path, sim: Simulator, broker: RabbitBroker) -> dict[str, str]:
-    return cli_env(
-        tmp_path,
-        sim.url,
-        QUEUE__URL=broker.url,
-        QUEUE__NAME=broker.name,
-        AEP__CATALOG_SETTLE="1",
-        AEP__TIMEOUT="2",
-        RETRY__BASE_DELAY="0.05",
-        RETRY__MAX_DELAY="1",
-        LIMITS__RATE="40",
-        LIMITS__CONCURRENCY="8",
+def service_env(tmp_path: Path, sim: Simulator, broker: RabbitBroker, **settings: str) -> dict[str, str]:
+    defaults = {
+        "QUEUE__URL": broker.url,
+        "QUEUE__NAME": broker.name,
+        "AEP__CATALOG_SETTLE": "1",
+        "AEP__TIMEOUT": "2",
+        "RETRY__BASE_DELAY": "0.05",
+        "RETRY__MAX_DELAY": "1",
+        "LIMITS__RATE": "40",
+        "LIMITS__CONCURRENCY": "8",
         # A small backlog keeps most messages in the broker while the service runs, so a kill or a
         # broker restart finds some delivered and not yet acked.
-        LIMITS__MAX_BACKLOG="20",
-    )
+        "LIMITS__MAX_BACKLOG": "20",
+    }
+    return cli_env(tmp_path, sim.url, **(defaults | settings))
 
 
 def batches_per_dataset(sim: Simulator) -> Counter[str]:
@@ -406,30 +406,49 @@ async def _dead_letters_are(broker: RabbitBroker, count: int) -> bool:
     return len(await broker.dead_letters()) == count
 
 
-async def test_the_service_reconnects_after_the_broker_restarts(
-    tmp_path: Path, sim: Simulator, broker: RabbitBroker
-) -> None:
-    env = service_env(tmp_path, sim, broker)
-    await broker.publish_many([body(i) for i in range(60)])
-    service: Process = await start(["run", "--until-idle"], env, tmp_path)
-    try:
-        await created_at_least(sim, 10, service)
-        await rabbitmqctl("stop_app")
-    finally:
-        await rabbitmqctl("start_app")
-        await _services_up()
-    finished = await service.wait(timeout=60)
-    assert finished.code == 0, finished.stderr[-3000:]
-    names = [event["event"] for event in events(finished.stderr)]
-    assert names.count("queue.connection_lost") == 1
-    # Requests came in over the new connection: what the lost channel held came back, and the rest.
-    after = names[names.index("queue.reconnected") :]
-    assert "intake.accepted" in after
-    assert names.count("intake.accepted") == 60
-    per_dataset = batches_per_dataset(sim)
-    assert len(per_dataset) == 60
-    assert set(per_dataset.values()) == {1}
-    assert await broker.ready() == 0
+class HeldAnswers(SystemClock):
+    """The simulator's clock, whose answers can be held: while `flowing` is cleared, every answer
+    waits (the batch is still made when the call arrives)."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    async def sleep(self, seconds: float) -> None:
+        await self.flowing.wait()
+        await super().sleep(seconds)
+
+
+async def test_the_service_reconnects_after_the_broker_restarts(tmp_path: Path, broker: RabbitBroker) -> None:
+    clock = HeldAnswers()
+    async with Simulator(SimulatorConfig(latency=0.05, latency_jitter=0.05, seed=11), clock) as sim:
+        # Answers are held while the broker is down, for however long its restart takes here.
+        env = service_env(tmp_path, sim, broker, AEP__TIMEOUT="300")
+        await broker.publish_many([body(i) for i in range(60)])
+        service: Process = await start(["run", "--until-idle"], env, tmp_path)
+        try:
+            await created_at_least(sim, 10, service)
+            # From here no request finishes, so intake accepts at most 20 (the backlog bound) beyond
+            # those finished by now (about 10): some 30 messages are still in the broker when it
+            # stops, however fast this machine is.
+            clock.flowing.clear()
+            await rabbitmqctl("stop_app")
+        finally:
+            await rabbitmqctl("start_app")
+            await _services_up()
+            clock.flowing.set()
+        finished = await service.wait(timeout=60)
+        assert finished.code == 0, finished.stderr[-3000:]
+        names = [event["event"] for event in events(finished.stderr)]
+        assert names.count("queue.connection_lost") == 1
+        # Requests came in over the new connection: what the lost channel held came back, and the rest.
+        after = names[names.index("queue.reconnected") :]
+        assert "intake.accepted" in after
+        assert names.count("intake.accepted") == 60
+        per_dataset = batches_per_dataset(sim)
+        assert len(per_dataset) == 60
+        assert set(per_dataset.values()) == {1}
+        assert await broker.ready() == 0
 
 
 async def _services_up() -> None:

@@ -176,6 +176,30 @@ async def test_redis_stopped_mid_run_falls_back_to_the_share_and_comes_back(
     assert most_in_a_second(starts_a + starts_b) <= RATE
 
 
+async def test_a_late_start_is_moved_to_when_it_goes_out(key: str, client: redis.asyncio.Redis) -> None:
+    """The script's side of a late start: its entry moves from where it was taken to the head, at
+    Redis's now, and the window stays newest first; an entry already gone is counted anyway."""
+    window = RedisWindow(URL, key, "host/1/it", 3)
+    try:
+        first = await window.hit(3, 1.0)
+        second = await window.hit(3, 1.0)
+        assert first.admitted
+        assert second.admitted
+        assert first.stamp is not None
+        await asyncio.sleep(0.02)
+        await window.restamp(first.stamp, 1.0)
+        stamps = [float(entry) for entry in await client.lrange(f"{key}:window", 0, -1)]
+        assert len(stamps) == 2
+        assert stamps == sorted(stamps, reverse=True)
+        assert stamps[1] == float(second.stamp or "nan")
+        assert stamps[0] - float(first.stamp) >= 20  # ms
+        await window.restamp("1.000", 1.0)  # no such entry: one more start is counted
+        assert await client.llen(f"{key}:window") == 3
+        assert 0 < await client.pttl(f"{key}:window") <= 1000
+    finally:
+        await window.close()
+
+
 class NoLeases:
     async def lease_owners(self) -> set[str]:
         return set()

@@ -48,6 +48,8 @@ class FakeWindow:
         self.member = member
         self.keep = keep
         self.closed = False
+        self.reply_delay = 0.0  # seconds each hit's answer takes to reach this replica
+        self.restamped: list[float] = []  # the stamps this replica moved
 
     async def ping(self) -> None:
         await asyncio.sleep(0)
@@ -69,7 +71,19 @@ class FakeWindow:
             return Hit(False, wait=state.starts[limit - 1] + window - now, replicas=replicas)
         state.starts.insert(0, now)
         del state.starts[max(self.keep, limit) :]
-        return Hit(True, replicas=replicas)
+        if self.reply_delay:
+            await state.clock.sleep(self.reply_delay)
+        return Hit(True, replicas=replicas, stamp=repr(now))
+
+    async def restamp(self, stamp: str, window: float) -> None:
+        await asyncio.sleep(0)
+        state = self.state
+        state.check()
+        if float(stamp) in state.starts:
+            state.starts.remove(float(stamp))
+        state.starts.insert(0, state.clock.monotonic())
+        del state.starts[self.keep :]
+        self.restamped.append(float(stamp))
 
     async def pause(self, seconds: float) -> Pause:
         await asyncio.sleep(0)
@@ -134,6 +148,29 @@ async def test_replicas_together_never_start_more_than_the_limit_in_any_window(c
     assert together[:20] == [0.0] * 20
     assert window <= together[20] < window + 0.01
     assert together[-1] < 4 * window + 0.01
+
+
+@pytest.mark.parametrize(("reply_delay", "moved"), [(0.05, True), (0.005, False)])
+async def test_a_start_that_goes_out_late_counts_from_when_it_goes(
+    clock: ManualClock, reply_delay: float, moved: bool
+) -> None:
+    """Replica a's answer from the window comes 50 ms after its place was taken (its process was held
+    up): its call goes out then, so its place moves there, and b's next start waits a window from
+    then, as AEP, counting arrivals, needs. An answer within LATE_START leaves the place alone."""
+    _, (a, b) = replicas(clock, 2, rate=1)
+    window: FakeWindow = a._shared  # type: ignore[assignment]
+    window.reply_delay = reply_delay
+    starts_a, tasks_a = starts_on(clock, a, 1)
+    await until(lambda: clock.sleepers == 1)
+    clock.advance(reply_delay)
+    await until(lambda: len(starts_a) == 1 and len(window.restamped) == int(moved))
+    await settle(clock)
+    assert window.restamped == ([0.0] if moved else [])
+    starts_b, tasks_b = starts_on(clock, b, 1)
+    await run_until_done(clock, [*tasks_a, *tasks_b])
+    _, width = window_params(1, 1.0, shared=True)
+    went_out = reply_delay if moved else 0.0
+    assert went_out + width <= starts_b[0] < went_out + width + 0.01
 
 
 async def test_replicas_at_different_rates_count_in_one_window(clock: ManualClock) -> None:
