@@ -263,36 +263,39 @@ class Dispatcher:
             self._observer.credentials(refused=False)
 
     async def _handle(self, claim: Claim) -> None:
+        """Runs as a task of its own (`run`): the keys bound here end with the task's context.
+        (`bound_contextvars` would also copy and scan the whole context to restore it, twice per
+        request, for a context no one uses afterwards.)"""
         record = claim.record
-        with structlog.contextvars.bound_contextvars(
+        structlog.contextvars.bind_contextvars(
             request_id=record.request_id, dataset_id=record.dataset_id, attempt=claim.attempt
-        ):
-            if record.state.final:
-                # Only a reconciliation claims a request that has its batch (created, or on in
-                # the upload stage): one more look-up, never a create.
-                await self._reconciler.reconcile(claim)
+        )
+        if record.state.final:
+            # Only a reconciliation claims a request that has its batch (created, or on in
+            # the upload stage): one more look-up, never a create.
+            await self._reconciler.reconcile(claim)
+            return
+        settle_until = record.settle_until
+        if claim.taken_over:
+            # The last holder died or stalled, perhaps mid-create: its batch may surface later.
+            settle_until = _later(settle_until, self._clock.now() + self._settle)
+            log.warning("dispatcher.lease_taken_over")
+        creating = False
+        try:
+            looking = claim.needs_lookup or record.lookup_only
+            if looking and await self._look_up(claim, settle_until):
                 return
-            settle_until = record.settle_until
-            if claim.taken_over:
-                # The last holder died or stalled, perhaps mid-create: its batch may surface later.
-                settle_until = _later(settle_until, self._clock.now() + self._settle)
-                log.warning("dispatcher.lease_taken_over")
-            creating = False
-            try:
-                looking = claim.needs_lookup or record.lookup_only
-                if looking and await self._look_up(claim, settle_until):
-                    return
-                creating = True
-                batch = await self._api.create_batch(record.request(), self._default_format)
-                await self._created(claim, [batch], adopted=False)
-            except asyncio.CancelledError:
-                # Shutdown ran out of grace mid-call: if the create was sent, it may have happened.
-                await asyncio.shield(self._cancelled(claim, creating, settle_until))
-                raise
-            except NotRecorded:
-                pass  # logged; the call's outcome is the store's to learn again (see `_record`)
-            except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
-                await asyncio.shield(self._failed(claim, exc, creating, settle_until))
+            creating = True
+            batch = await self._api.create_batch(record.request(), self._default_format)
+            await self._created(claim, [batch], adopted=False)
+        except asyncio.CancelledError:
+            # Shutdown ran out of grace mid-call: if the create was sent, it may have happened.
+            await asyncio.shield(self._cancelled(claim, creating, settle_until))
+            raise
+        except NotRecorded:
+            pass  # logged; the call's outcome is the store's to learn again (see `_record`)
+        except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
+            await asyncio.shield(self._failed(claim, exc, creating, settle_until))
 
     async def _record(self, write: Awaitable[bool]) -> bool:
         """Write an outcome (the store's answer: False when the lease was lost). A store error is
