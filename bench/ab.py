@@ -6,7 +6,8 @@ run in turns (A B, B A, A B, ...) under the throughput section's conditions (a f
 no latency and no limit, `orchestrator run --until-idle` on fresh ids), and each is summed up by its
 median: a drift touches both alike.
 
-    .venv/bin/python bench/ab.py REV [--pairs 6] [--count 5000] [--backend embedded|brokered]
+    .venv/bin/python bench/ab.py REV [--pairs 6] [--count 5000] [--backend embedded|brokered] \
+        [--set LOG__LEVEL=info ...]
 
 The other commit is checked out in a temporary git worktree and run from there (PYTHONPATH ahead of
 this checkout's editable install); both use this checkout's virtualenv and bench harness.
@@ -42,7 +43,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--pairs", type=int, default=6, help="runs of each build (default 6)")
     parser.add_argument("--count", type=int, default=5000, help="requests per run (default 5000)")
     parser.add_argument("--backend", choices=["embedded", "brokered"], default="embedded")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an ORCH_ setting (without the prefix) for both builds' runs, e.g. LOG__LEVEL=info",
+    )
     args = parser.parse_args(argv)
+    settings = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(settings) != len(args.set):
+        parser.error("--set takes NAME=VALUE")
     backend = EMBEDDED if args.backend == "embedded" else BROKERED
     missing = backend_missing(backend)
     if missing:
@@ -52,10 +63,11 @@ def main(argv: list[str]) -> int:
         tree = Path(tmp) / "a"
         _git("worktree", "add", "--detach", str(tree), args.rev)
         try:
-            runs = _interleaved(tree, backend, args.pairs, args.count)
+            runs = _interleaved(tree, backend, args.pairs, args.count, settings)
         finally:
             _git("worktree", "remove", "--force", str(tree))
-    print(f"\n{args.pairs} runs each of {args.count} requests, {backend.label}, interleaved:")
+    given = "".join(f", ORCH_{name}={value}" for name, value in settings.items())
+    print(f"\n{args.pairs} runs each of {args.count} requests, {backend.label}{given}, interleaved:")
     print("| build | CPU ms / request (median, min) | steady req/s (median, max) |")
     print("| --- | --- | --- |")
     for side, label in (("A", args.rev), ("B", "working tree")):
@@ -72,7 +84,9 @@ def _git(*args: str) -> None:
     subprocess.run([bin_path("git"), "-C", str(ROOT), *args], check=True)  # noqa: S603 - our arguments
 
 
-def _interleaved(tree: Path, backend: Backend, pairs: int, count: int) -> dict[str, list[RunFigures]]:
+def _interleaved(
+    tree: Path, backend: Backend, pairs: int, count: int, settings: dict[str, str]
+) -> dict[str, list[RunFigures]]:
     runs: dict[str, list[RunFigures]] = {"A": [], "B": []}
     saved = os.environ.get("PYTHONPATH")
     try:
@@ -82,7 +96,7 @@ def _interleaved(tree: Path, backend: Backend, pairs: int, count: int) -> dict[s
                     os.environ["PYTHONPATH"] = str(tree)
                 else:
                     os.environ.pop("PYTHONPATH", None)
-                run = run_service(backend, count)
+                run = run_service(backend, count, **settings)
                 runs[side].append(run)
                 print(
                     f"{side}: {run.cpu_ms_per_request:.3f} ms/request, {run.steady_rate:.0f} req/s, "

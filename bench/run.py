@@ -132,6 +132,7 @@ def summary_rows(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     if (c := figures("cpu")) is not None:
         value, target = c["cpu_s_per_1000_requests_beyond_startup"], TARGETS["cpu_s_per_1000"]
         brokered = c.get("rabbitmq_postgresql_cpu_s_per_1000_requests")
+        at_info = c.get("cpu_s_per_1000_requests_beyond_startup_at_info")
         areas = sorted(c["profile"]["shares"].items(), key=lambda item: -item[1])[:4]
         where = ", ".join(f"{area} {100 * share:.0f} %" for area, share in areas)
         # The absolute figure moves with the machine's speed; beside the bare loop's CPU per request
@@ -144,6 +145,7 @@ def summary_rows(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             f"{value:.2f} beyond start-up{beside} ({c['cpu_s_per_1000_requests']:.2f} with the "
             f"{c['startup_cpu_s']:.1f} s of start-up"
             + (f"; RabbitMQ + PostgreSQL {brokered:.2f} with it" if brokered is not None else "")
+            + (f"; at the default log level, info, {at_info:.2f} beyond start-up" if at_info else "")
             + f"); most in {where}",
             f"<= {target:.2f} (a third of {CPU_BEFORE_S_PER_1000})",
             value <= target,

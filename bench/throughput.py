@@ -62,14 +62,16 @@ def run_ceiling(count: int) -> RunFigures:
         return measure_client("bare aiohttp loop", Path(tmp), sim, count, "ceiling.py", CONCURRENCY)
 
 
-def run_service(backend: Backend, count: int, label: str = "orchestrator") -> RunFigures:
+def run_service(backend: Backend, count: int, label: str = "orchestrator", **settings: str) -> RunFigures:
+    """The service on `backend` under this section's conditions; `settings`: more ORCH_ variables
+    (without the prefix), over those."""
     with tempfile.TemporaryDirectory(prefix="orch-throughput-") as tmp:
         workdir = Path(tmp)
         with (
             simulator(workdir, NO_LIMIT, latency=NO_LATENCY) as sim,
             backend_settings(backend, workdir) as where,
         ):
-            return measure_service(label, workdir, sim, count, service_settings(where))
+            return measure_service(label, workdir, sim, count, service_settings(where) | settings)
 
 
 def _row(backend: str, o: RunFigures, ceiling: RunFigures | None) -> str:

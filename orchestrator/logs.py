@@ -78,21 +78,12 @@ _SECRET_PATTERNS = (
     # A JWT (IMS access tokens are JWTs): three base64url parts, the first a JSON object ("eyJ").
     re.compile(r"()\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
 )
-# What each of those patterns needs in the text: one search of this rules most strings out (ids, names,
-# times), which keeps redaction from costing more than rendering the line.
-_SUSPECT = re.compile(r"(?i)authorization|bearer|secret|token|password|eyJ")
+# What each of those patterns needs in the text, lower-cased: looking for these rules most strings out
+# (ids, names, times), which keeps redaction from costing more than rendering the line. Plain substring
+# tests of the lower-cased text: a case-insensitive regex of the same words took 50 ns a character.
+_SUSPECT_WORDS = ("authorization", "bearer", "secret", "token", "password", "eyj")
 _secret_values: set[str] = set()
 _secret_value_pattern: re.Pattern[str] | None = None
-
-
-def _either(suspect: re.Pattern[str], secrets: re.Pattern[str] | None) -> re.Pattern[str]:
-    """One pattern that finds anything `redact_text` would mask, or something that may need it."""
-    if secrets is None:
-        return suspect
-    return re.compile(f"{suspect.pattern}|(?-i:{secrets.pattern})")
-
-
-_anything_to_mask = _SUSPECT
 # Keys this module writes from nothing a caller gave it: no secret can be in them.
 _OWN_KEYS = frozenset({"timestamp", "level"})
 
@@ -113,22 +104,32 @@ def escape_controls(text: str, keep: str = "") -> str:
 def register_secrets(values: Iterable[str | None]) -> None:
     """Mask these values (the configured client secret, a fixed access token) wherever they appear
     in a log line, even inside a library's message."""
-    global _secret_value_pattern, _anything_to_mask
+    global _secret_value_pattern
     _secret_values.update(value for value in values if value)
     if _secret_values:
         # Longest first: a secret that contains another is masked whole.
         ordered = sorted(_secret_values, key=len, reverse=True)
         _secret_value_pattern = re.compile("|".join(re.escape(value) for value in ordered))
-    _anything_to_mask = _either(_SUSPECT, _secret_value_pattern)
+
+
+def _suspect(text: str) -> bool:
+    """Whether `text` may hold what a pattern of `_SECRET_PATTERNS` masks."""
+    lowered = text.lower()
+    return any(word in lowered for word in _SUSPECT_WORDS)
+
+
+def _may_hold_secrets(text: str) -> bool:
+    """Whether `redact_text` may have anything to mask in `text` (False: certainly not)."""
+    return _suspect(text) or any(value in text for value in _secret_values)
 
 
 def redact_text(text: str) -> str:
     """`text` with tokens and secrets masked (see `_SECRET_PATTERNS` and `register_secrets`)."""
-    if _anything_to_mask.search(text) is None:
-        return text  # most strings (ids, names, times): one search, no substitution
+    if not _may_hold_secrets(text):
+        return text  # most strings (ids, names, times): no substitution
     if _secret_value_pattern is not None:
         text = _secret_value_pattern.sub(MASK, text)
-    if _SUSPECT.search(text) is None:
+    if not _suspect(text):
         return text
     for pattern in _SECRET_PATTERNS:
         text = pattern.sub(lambda match: match.group(1) + MASK, text)
@@ -152,12 +153,26 @@ def _redacted(value: Any) -> Any:
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
-    """A processor: mask tokens and secrets in every value, by key (SECRET_KEYS) and by content."""
+    """A processor: mask tokens and secrets in every value, by key (SECRET_KEYS) and by content.
+
+    The line's strings (most of its values: ids, names, states) are looked at together, once, in
+    one text that joins them: whatever one of them holds, the join holds too (a find made up by the
+    join only costs the slower path). Only when that finds something is each string redacted on
+    its own."""
+    strings: list[str] = []
     for key, value in event.items():
+        if key in _OWN_KEYS:
+            continue
         if key.lower() in SECRET_KEYS:
             event[key] = MASK
-        elif key not in _OWN_KEYS:
+        elif isinstance(value, str):
+            strings.append(value)
+        elif not (isinstance(value, bool | int | float) or value is None):
             event[key] = _redacted(value)
+    if strings and _may_hold_secrets("\n".join(strings)):
+        for key, value in event.items():
+            if isinstance(value, str) and key not in _OWN_KEYS:
+                event[key] = redact_text(value)
     return event
 
 

@@ -75,3 +75,10 @@ def test_the_cpu_row_sets_the_figure_beside_the_bare_loop_of_the_same_run(bench:
     assert row["met"] is False
     [row] = [row for row in both if row["section"] == "cpu"]
     assert row["value"].startswith("0.53 beyond start-up = 2.6 x the bare aiohttp loop's 0.21 (0.77 with")
+    assert "info" not in row["value"]  # a record from before the row at info existed
+
+    at_info = cpu | {"cpu_s_per_1000_requests_beyond_startup_at_info": 0.6}
+    logged = bench.summary_rows({"cpu": {"figures": at_info}})
+    [row] = [row for row in logged if row["section"] == "cpu"]
+    assert "; at the default log level, info, 0.60 beyond start-up)" in row["value"]
+    assert row["met"] is False
