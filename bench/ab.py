@@ -4,7 +4,9 @@ This machine's speed drifts by 10-30 % over minutes (a shared virtual machine), 
 measured twice a few minutes apart can differ by more than a change under test. Here both builds
 run in turns (A B, B A, A B, ...) under the throughput section's conditions (a fresh simulator with
 no latency and no limit, `orchestrator run --until-idle` on fresh ids), and each is summed up by its
-median: a drift touches both alike.
+median: a drift touches both alike. Each pair also runs both builds on an empty queue, so that CPU
+per request is also given beyond start-up (the run's CPU less the median start-up's, per request),
+as `make bench` judges it, and B's figures as ratios to A's.
 
     .venv/bin/python bench/ab.py REV [--pairs 6] [--count 5000] [--backend embedded|brokered] \
         [--set LOG__LEVEL=info ...]
@@ -68,15 +70,25 @@ def main(argv: list[str]) -> int:
             _git("worktree", "remove", "--force", str(tree))
     given = "".join(f", ORCH_{name}={value}" for name, value in settings.items())
     print(f"\n{args.pairs} runs each of {args.count} requests, {backend.label}{given}, interleaved:")
-    print("| build | CPU ms / request (median, min) | steady req/s (median, max) |")
-    print("| --- | --- | --- |")
+    print(
+        "| build | CPU ms / request (median, min) | start-up CPU s (median) "
+        "| CPU ms / request beyond start-up (median) | steady req/s (median, max) |"
+    )
+    print("| --- | --- | --- | --- | --- |")
+    medians: dict[str, tuple[float, float]] = {}
     for side, label in (("A", args.rev), ("B", "working tree")):
         cpu = [run.cpu_ms_per_request for run in runs[side]]
         rate = [run.steady_rate for run in runs[side]]
+        startup = statistics.median(run.cpu_s for run in runs[f"{side} empty"])
+        beyond = statistics.median(1000 * (run.cpu_s - startup) / run.requests for run in runs[side])
+        medians[side] = (beyond, statistics.median(rate))
         print(
-            f"| {side}: {label} | {statistics.median(cpu):.3f}, {min(cpu):.3f} "
-            f"| {statistics.median(rate):.0f}, {max(rate):.0f} |"
+            f"| {side}: {label} | {statistics.median(cpu):.3f}, {min(cpu):.3f} | {startup:.2f} "
+            f"| {beyond:.3f} | {statistics.median(rate):.0f}, {max(rate):.0f} |"
         )
+    (beyond_a, rate_a), (beyond_b, rate_b) = medians["A"], medians["B"]
+    cpu_ratio, rate_ratio = beyond_b / beyond_a, rate_b / rate_a
+    print(f"\nB / A: CPU per request beyond start-up {cpu_ratio:.2f} x, steady rate {rate_ratio:.2f} x")
     return 0
 
 
@@ -87,7 +99,7 @@ def _git(*args: str) -> None:
 def _interleaved(
     tree: Path, backend: Backend, pairs: int, count: int, settings: dict[str, str]
 ) -> dict[str, list[RunFigures]]:
-    runs: dict[str, list[RunFigures]] = {"A": [], "B": []}
+    runs: dict[str, list[RunFigures]] = {"A": [], "B": [], "A empty": [], "B empty": []}
     saved = os.environ.get("PYTHONPATH")
     try:
         for index in range(pairs):
@@ -98,6 +110,7 @@ def _interleaved(
                     os.environ.pop("PYTHONPATH", None)
                 run = run_service(backend, count, **settings)
                 runs[side].append(run)
+                runs[f"{side} empty"].append(run_service(backend, 0, "start-up", **settings))
                 print(
                     f"{side}: {run.cpu_ms_per_request:.3f} ms/request, {run.steady_rate:.0f} req/s, "
                     f"{run.created} created, {run.duplicates} duplicates",
