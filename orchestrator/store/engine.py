@@ -19,8 +19,8 @@ service runs, a second replica on the same file) only with these settings on eve
 PostgreSQL needs none of this; its URLs get the asyncpg driver (an optional extra) and a pool:
 
 - `POSTGRES_POOL_SIZE` connections kept, `POSTGRES_MAX_OVERFLOW` more for bursts. A replica's writes
-  run concurrently there (see `SqlBatchStore`): outcomes of up to ORCH_LIMITS__CONCURRENCY calls
-  finishing together, the claim loop, lease renewals, intake's records, the event relay, the
+  run concurrently there (see `SqlBatchStore`): the outcome writer and outcomes written alone (a
+  row locked elsewhere), the claim loop, lease renewals, intake's records, the event relay, the
   monitor's and `--until-idle`'s reads. Each holds a connection for a few milliseconds, so 10
   (15 in a burst) serve the default 16 calls in flight with little waiting, and a write that finds
   none free waits for one (up to SQLAlchemy's `pool_timeout`, 30 s) rather than failing. Three

@@ -225,8 +225,6 @@ class SqlBatchStore(LifecycleQueries):
     """
 
     MAX_BATCH = 256
-    # PostgreSQL: transactions of outcomes at once (see `_write`).
-    OUTCOME_WRITERS = 4
 
     def __init__(
         self,
@@ -277,14 +275,11 @@ class SqlBatchStore(LifecycleQueries):
     async def close(self) -> None:
         # Let queued and running writes finish: their callers were promised them.
         writes = self._writes
-        running = [
-            *writes.alone,
-            *writes.outcome_writers,
-            *([writes.writer] if writes.writer is not None else []),
-        ]
+        writers = (writes.writer, writes.outcome_writer)
+        running = [*writes.alone, *(task for task in writers if task is not None)]
         if running:
             await asyncio.wait(running)
-        writes.writer = None
+        writes.writer = writes.outcome_writer = None
         engine, self._engine, self._reader = self._engine, None, None
         if engine is not None:
             await engine.dispose()
@@ -806,14 +801,17 @@ class SqlBatchStore(LifecycleQueries):
             raise RuntimeError("the store is not open")
         writes = self._writes
         if self._postgres and op.outcome is not None:
-            # Outcomes finishing together share a transaction (see `_outcomes`), on up to
-            # OUTCOME_WRITERS connections at once: a burst of outcomes costs a few transactions,
-            # not one each, and an outcome waiting for a row lock holds up only its own batch.
+            # Outcomes queued while a transaction runs share the next one (see `_outcomes`), on a
+            # writer of their own, so that adds and claims do not wait behind them. One writer: a
+            # transaction costs far more than the outcomes in it, and with four writers at once
+            # each took about 8 outcomes where one takes about 25 (5,000 outcomes in 630
+            # transactions against 200; one writer costs 0.72 x the CPU per request of four,
+            # `bench/ab.py --backend brokered`). A row locked elsewhere holds up nothing: the
+            # writer skips it, and its outcome is written alone (`_LOCKED`).
             writes.outcomes.append(op)
-            if len(writes.outcome_writers) < self.OUTCOME_WRITERS:
-                task = asyncio.create_task(self._drain(writes.outcomes), name="store.outcomes")
-                writes.outcome_writers.add(task)
-                task.add_done_callback(writes.outcome_writers.discard)
+            if writes.outcome_writer is None or writes.outcome_writer.done():
+                drain = self._drain(writes.outcomes)
+                writes.outcome_writer = asyncio.create_task(drain, name="store.outcomes")
         elif self._postgres and not op.shared:
             self._alone(op)
         else:
@@ -830,9 +828,10 @@ class SqlBatchStore(LifecycleQueries):
         task.add_done_callback(self._writes.alone.discard)
 
     async def _run_alone(self, op: _Op) -> None:
-        """`op` in a transaction of its own; its caller gets the result or the error."""
+        """`op` in a transaction of its own; its caller gets the result or the error. An outcome
+        here waits for its row's lock (it holds up nothing else)."""
         try:
-            [result] = await self._transaction([op])
+            [result] = await self._transaction([op], alone=True)
         except Exception as exc:  # noqa: BLE001 - handed to the caller that asked
             op.fail(exc)
         except BaseException:
@@ -874,8 +873,10 @@ class SqlBatchStore(LifecycleQueries):
             queue.clear()
             raise
 
-    async def _transaction(self, batch: list[_Op]) -> list[Any]:
-        """Run `batch` in order in one transaction; runs of adds become one multi-row INSERT."""
+    async def _transaction(self, batch: list[_Op], *, alone: bool = False) -> list[Any]:
+        """Run `batch` in order in one transaction; runs of adds become one multi-row INSERT. On
+        PostgreSQL a writer's outcomes, even one, skip rows locked elsewhere (`_outcomes`); an
+        outcome `alone` waits for its row (`_outcome`)."""
         assert self._engine is not None  # _write checked it and close() waits for this task
         results: list[Any] = []
         async with self._engine.begin() as connection:
@@ -890,7 +891,7 @@ class SqlBatchStore(LifecycleQueries):
                         added = added[taken:]
                 elif kind == "outcome" and tx.direct and all(op.outcome and op.outcome.plain for op in ops):
                     results.extend(await self._outcomes_direct(tx, [op.outcome for op in ops if op.outcome]))
-                elif kind == "outcome" and len(ops) > 1:
+                elif kind == "outcome" and (len(ops) > 1 or (self._postgres and not alone)):
                     results.extend(await self._outcomes(tx, [op.outcome for op in ops if op.outcome]))
                 elif kind == "outcome":
                     assert ops[0].outcome is not None
@@ -1187,15 +1188,15 @@ class _Writes:
     on their own. One object, so that everything made from the store's state (a test's wrapper that
     copies it) shares the one writer: two would commit in no particular order."""
 
-    __slots__ = ("alone", "outcome_writers", "outcomes", "queue", "writer")
+    __slots__ = ("alone", "outcome_writer", "outcomes", "queue", "writer")
 
     def __init__(self) -> None:
         self.queue: list[_Op] = []
         self.writer: asyncio.Task[None] | None = None
         self.alone: set[asyncio.Task[None]] = set()
-        # PostgreSQL: outcomes waiting for one of the outcome writers, and those writers.
+        # PostgreSQL: outcomes waiting for the outcome writer, and that writer.
         self.outcomes: list[_Op] = []
-        self.outcome_writers: set[asyncio.Task[None]] = set()
+        self.outcome_writer: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True)

@@ -106,8 +106,9 @@ async def test_next_due_reports_a_lease_expiry_on_the_database_clock(make_store:
 
 
 async def test_writes_run_concurrently_in_pooled_transactions(make_store: MakeStore, store_url: str) -> None:
-    # One outcome waits for a row lock another connection holds: the other outcomes are written
-    # meanwhile, in transactions of their own (one writer would queue them all behind it).
+    # One outcome's row is locked by another connection: the outcome writer skips it and writes the
+    # others meanwhile; the blocked one is written alone, in a transaction of its own that waits for
+    # the lock.
     store, at = await make_store(), unit.T0
     assert store._engine is not None
     assert store._engine.pool.size() == POSTGRES_POOL_SIZE  # type: ignore[attr-defined]
@@ -121,6 +122,19 @@ async def test_writes_run_concurrently_in_pooled_transactions(make_store: MakeSt
                 text("SELECT id FROM batch_request WHERE request_id = 'blocked' FOR UPDATE")
             )
             blocked = asyncio.create_task(store.mark_created(claims["blocked"], "b0", "loading", at))
+
+            async def waiting_for_the_lock() -> bool:
+                async with locker.connect() as other:
+                    found = await other.execute(
+                        text(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                            "AND wait_event_type = 'Lock'"
+                        )
+                    )
+                    return bool(found.scalar_one())
+
+            # Its write waits for the lock before the others are asked for: they must not queue behind it.
+            await until(waiting_for_the_lock, "the blocked outcome to wait for the row lock", timeout=10)
             async with asyncio.timeout(10):
                 assert await store.mark_created(claims["a"], "b1", "loading", at) is True
                 assert await store.mark_failed(claims["b"], "HTTP 400", at) is True
