@@ -120,11 +120,17 @@ def summary_rows(sections: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             s, c, x = b["service"], b["ceiling"], b["ratio_steady"]
             target = TARGETS["throughput_x_ceiling"]
+            ratios = b.get("ratios_steady") or [x]
+            spread = (
+                f", the median of {len(ratios)} pairs ({min(ratios):.2f}-{max(ratios):.2f})"
+                if len(ratios) > 1
+                else ""
+            )
             add(
                 "throughput",
                 f"Throughput, no latency, no limit; {b['label']}",
                 f"{s['steady_rate']:.0f} req/s = {x:.2f} x a bare aiohttp loop "
-                f"({c['steady_rate']:.0f} req/s); "
+                f"({c['steady_rate']:.0f} req/s){spread}; "
                 f"{s['requests']} requests",
                 f">= {target} x",
                 x >= target,

@@ -82,3 +82,21 @@ def test_the_cpu_row_sets_the_figure_beside_the_bare_loop_of_the_same_run(bench:
     [row] = [row for row in logged if row["section"] == "cpu"]
     assert "; at the default log level, info, 0.60 beyond start-up)" in row["value"]
     assert row["met"] is False
+
+
+def test_the_throughput_row_gives_the_median_pair_and_the_spread(bench: ModuleType) -> None:
+    ceiling = {"steady_rate": 9596.0}
+    service = {"steady_rate": 2400.0, "requests": 5000}
+    pairs = {"ratio_steady": 0.25, "ratios_steady": [0.23, 0.25, 0.26]}
+    embedded = {"label": "embedded", "ceiling": ceiling, "service": service} | pairs
+    [row] = bench.summary_rows({"throughput": {"figures": {"backends": {"embedded": embedded}}}})
+    assert row["value"] == (
+        "2400 req/s = 0.25 x a bare aiohttp loop (9596 req/s), "
+        "the median of 3 pairs (0.23-0.26); 5000 requests"
+    )
+    assert row["met"] is True
+
+    single = embedded | {"ratio_steady": 0.24, "ratios_steady": [0.24]}
+    [row] = bench.summary_rows({"throughput": {"figures": {"backends": {"embedded": single}}}})
+    assert "median" not in row["value"]
+    assert row["met"] is False
