@@ -264,3 +264,24 @@ OUTCOME = (
     batch_request.c.last_error,
     batch_request.c.files,
 )
+
+# What `add` writes of a request, in the order of the rows the store's direct paths take
+# (`sqlite_direct`, `postgres_direct`).
+ADD_COLUMNS = (
+    "request_id",
+    "dataset_id",
+    "fingerprint",
+    "input_format",
+    "multiline_json",
+    "tags",
+    "files",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "needs_lookup",
+    "created_at",
+    "updated_at",
+)
+# The columns of a trail row and an outbox row, in the order the store collects them.
+TRAIL_COLUMNS = ("batch_request_id", "at", "from_state", "to_state", "attempt", "detail")
+OUTBOX_COLUMNS = ("event_id", "body", "created_at")

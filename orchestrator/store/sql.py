@@ -35,7 +35,6 @@ from sqlalchemy import (
     bindparam,
     delete,
     func,
-    insert,
     or_,
     select,
     tuple_,
@@ -47,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from orchestrator.messages import BatchRequest
-from orchestrator.store import sqlite_direct
+from orchestrator.store import postgres_direct, sqlite_direct
 from orchestrator.store.base import (
     EVENT_TYPES,
     AddResult,
@@ -266,11 +265,6 @@ class SqlBatchStore(LifecycleQueries):
         self._reader = reader(engine)
         self._postgres = postgres
         self._insert = postgresql.insert if postgres else sqlite.insert
-        self._add_statement = (
-            self._insert(batch_request)
-            .on_conflict_do_nothing(index_elements=[batch_request.c.request_id])
-            .returning(batch_request.c.id, batch_request.c.request_id)
-        )
 
     async def close(self) -> None:
         # Let queued and running writes finish: their callers were promised them.
@@ -362,17 +356,24 @@ class SqlBatchStore(LifecycleQueries):
     async def claim(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
         if limit <= 0:
             return []
-        if not self._postgres:
-            return await self._claim_direct(owner, limit, lease_seconds, now)
-        claimable = (
-            # Due times stay on the callers' clocks (each replica's `now`), unlike leases: skew there
+        token = uuid4().hex
+
+        async def run(tx: _Tx) -> list[Claim]:
+            # One call to the driver either way (`sqlite_direct`, `postgres_direct`). On PostgreSQL
+            # due times stay on the callers' clocks (each replica's `now`), unlike leases: skew there
             # only makes a request due a little early or late on a replica whose clock is off, and a
             # retry that comes early or late is still one attempt, fenced by its own lease.
-            batch_request.c.next_attempt_at <= now,  # only unfinished rows have one
-            self._lease_free(now),
-        )
-        order = (batch_request.c.next_attempt_at, batch_request.c.id)
-        return await self._claim(claimable, order, owner, limit, lease_seconds, now, attempt=True)
+            if self._postgres:
+                lease = functools.partial(postgres_direct.lease_due, owner, token, limit, now, lease_seconds)
+                return _claims(*await postgres_direct.run(tx.connection, lease))
+            expires = now + timedelta(seconds=lease_seconds)
+            leased = functools.partial(
+                sqlite_direct.lease_due, owner, token, limit, sqlite_text(now), sqlite_text(expires)
+            )
+            return _claims(*await on_driver(tx.connection, leased))
+
+        claims: list[Claim] = await self._write(_Op(run=run))
+        return claims
 
     async def claim_reconciliations(
         self, owner: str, limit: int, lease_seconds: float, now: datetime
@@ -380,39 +381,13 @@ class SqlBatchStore(LifecycleQueries):
         if limit <= 0:
             return []
         claimable = (batch_request.c.reconcile_at <= now, self._lease_free(now))
-        order = (batch_request.c.reconcile_at, batch_request.c.id)
-        return await self._claim(claimable, order, owner, limit, lease_seconds, now, attempt=False)
-
-    async def _claim(
-        self,
-        claimable: tuple[ColumnElement[bool], ...],
-        order: tuple[ColumnElement[Any], ...],
-        owner: str,
-        limit: int,
-        lease_seconds: float,
-        now: datetime,
-        *,
-        attempt: bool,
-    ) -> list[Claim]:
-        """Lease up to `limit` rows matching `claimable`, in `order`; `attempt`: a create attempt
-        (attempts + 1, and a lease left behind means its outcome is unknown), else a reconciliation."""
         due = (
             select(batch_request.c.id, batch_request.c.lease_expires_at.is_not(None))
             .where(*claimable)
-            .order_by(*order)
+            .order_by(batch_request.c.reconcile_at, batch_request.c.id)
             .limit(limit)
         )
         due = self._lock_for_claim(due)
-        counted: dict[str, Any] = {}
-        if attempt:
-            counted = {
-                "attempts": batch_request.c.attempts + 1,
-                # A lease still set means the last attempt's holder died before recording its
-                # outcome: the batch may exist. (SET reads the row's values before the update.)
-                "needs_lookup": or_(
-                    batch_request.c.needs_lookup, batch_request.c.lease_expires_at.is_not(None)
-                ),
-            }
 
         async def run(tx: _Tx) -> list[Claim]:
             rows, taken_over = await self._lease_due(
@@ -425,26 +400,8 @@ class SqlBatchStore(LifecycleQueries):
                 lease_seconds,
                 now,
                 updated_at=now,
-                **counted,
             )
             return _claims(rows, taken_over)
-
-        claims: list[Claim] = await self._write(_Op(run=run))
-        return claims
-
-    async def _claim_direct(self, owner: str, limit: int, lease_seconds: float, now: datetime) -> list[Claim]:
-        """`claim` on SQLite, as one call to the driver (`sqlite_direct.lease_due`)."""
-        lease = functools.partial(
-            sqlite_direct.lease_due,
-            owner,
-            uuid4().hex,
-            limit,
-            sqlite_text(now),
-            sqlite_text(now + timedelta(seconds=lease_seconds)),
-        )
-
-        async def run(tx: _Tx) -> list[Claim]:
-            return _claims(*await on_driver(tx.connection, lease))
 
         claims: list[Claim] = await self._write(_Op(run=run))
         return claims
@@ -761,22 +718,28 @@ class SqlBatchStore(LifecycleQueries):
             results.append(_LOCKED if pair in locked else row is not None)
         return results
 
-    async def _outcomes_direct(self, tx: _Tx, outcomes: list[_Outcome]) -> list[bool]:
-        """`_outcomes` on SQLite, as one call to the driver (`sqlite_direct.write_outcomes`); only
-        for outcomes of plain values (no SQL expressions)."""
+    async def _outcomes_direct(self, tx: _Tx, outcomes: list[_Outcome]) -> list[Any]:
+        """`_outcomes` as one call to the driver (`sqlite_direct.write_outcomes`,
+        `postgres_direct.write_outcomes`); only for outcomes of plain values (no SQL expressions)."""
         pairs = [(outcome.claim.record.request_id, outcome.claim.lease) for outcome in outcomes]
         updates: dict[tuple[str, ...], list[tuple[tuple[str, str], tuple[Any, ...]]]] = {}
+        bind = postgres_direct.bind if self._postgres else sqlite_direct.bind
         for outcome, pair in zip(outcomes, pairs, strict=True):
             columns = tuple(sorted(outcome.values))
-            values = tuple(sqlite_direct.bind(outcome.values[name]) for name in columns)
+            values = tuple(bind(outcome.values[name]) for name in columns)
             updates.setdefault(columns, []).append((pair, values))
-        held = await on_driver(tx.connection, functools.partial(sqlite_direct.write_outcomes, updates))
-        results: list[bool] = []
+        locked: set[tuple[str, str]] = set()
+        if self._postgres:
+            write = functools.partial(postgres_direct.write_outcomes, pairs, updates)
+            held, locked = await postgres_direct.run(tx.connection, write)
+        else:
+            held = await on_driver(tx.connection, functools.partial(sqlite_direct.write_outcomes, updates))
+        results: list[Any] = []
         for outcome, pair in zip(outcomes, pairs, strict=True):
             row = held.get(pair)
             if row is not None:
                 await self._recorded(tx, outcome, _after(_After(*row), outcome.values))
-            results.append(row is not None)
+            results.append(_LOCKED if pair in locked else row is not None)
         return results
 
     async def _recorded(self, tx: _Tx, outcome: _Outcome, row: Any) -> None:
@@ -880,7 +843,7 @@ class SqlBatchStore(LifecycleQueries):
         assert self._engine is not None  # _write checked it and close() waits for this task
         results: list[Any] = []
         async with self._engine.begin() as connection:
-            tx = _Tx(connection, direct=not self._postgres)
+            tx = _Tx(connection, postgres=self._postgres)
             for kind, run in itertools.groupby(batch, key=_Op.kind):
                 ops = list(run)
                 if kind == "add":
@@ -889,7 +852,11 @@ class SqlBatchStore(LifecycleQueries):
                         taken = len(op.add or ())
                         results.append(added[:taken])
                         added = added[taken:]
-                elif kind == "outcome" and tx.direct and all(op.outcome and op.outcome.plain for op in ops):
+                elif (
+                    kind == "outcome"
+                    and (len(ops) > 1 or not alone)
+                    and all(op.outcome and op.outcome.plain for op in ops)
+                ):
                     results.extend(await self._outcomes_direct(tx, [op.outcome for op in ops if op.outcome]))
                 elif kind == "outcome" and (len(ops) > 1 or (self._postgres and not alone)):
                     results.extend(await self._outcomes(tx, [op.outcome for op in ops if op.outcome]))
@@ -910,7 +877,7 @@ class SqlBatchStore(LifecycleQueries):
         for request, now in requests:
             stamp: datetime | str = sqlite_text(now) if tx.direct else now
             rows.append(
-                # sqlite_direct.ADD_COLUMNS
+                # ADD_COLUMNS
                 (
                     request.request_id,
                     request.dataset_id,
@@ -930,11 +897,8 @@ class SqlBatchStore(LifecycleQueries):
         if tx.direct:
             inserted = await on_driver(tx.connection, functools.partial(sqlite_direct.add_requests, rows))
         else:
-            # executemany: SQLAlchemy sends it as multi-row INSERTs of a cached statement
-            # ("insertmanyvalues"), where `.values(rows)` compiled a new statement for every batch.
-            parameters = [dict(zip(sqlite_direct.ADD_COLUMNS, row, strict=True)) for row in rows]
-            found = await tx.connection.execute(self._add_statement, parameters)
-            inserted = {request_id: pk for pk, request_id in found}
+            add = functools.partial(postgres_direct.add_requests, rows)
+            inserted = await postgres_direct.run(tx.connection, add)
         results: list[AddResult] = []
         others: list[int] = []
         for index, (request, now) in enumerate(requests):
@@ -1253,12 +1217,13 @@ class _Op:
 
 
 class _Tx:
-    """A write transaction, collecting its trail and outbox rows to insert before commit. `direct`:
-    on SQLite, where they go to the driver directly (`sqlite_direct`)."""
+    """A write transaction, collecting its trail and outbox rows to insert before commit, which go to
+    the driver directly (`sqlite_direct`, or `postgres_direct` with `postgres`). `direct`: SQLite's
+    driver."""
 
-    def __init__(self, connection: AsyncConnection, *, direct: bool = False) -> None:
+    def __init__(self, connection: AsyncConnection, *, postgres: bool) -> None:
         self.connection = connection
-        self.direct = direct
+        self.direct = not postgres
         self._trail: list[tuple[int, datetime, str | None, str, int, str | None]] = []
         self._outbox: list[tuple[str, str, datetime]] = []
         self.wrote_events = False
@@ -1301,20 +1266,13 @@ class _Tx:
                 rows = [(pk, sqlite_text(at), *rest) for pk, at, *rest in trail]
                 events = [(event_id, body, sqlite_text(at)) for event_id, body, at in outbox]
                 await on_driver(self.connection, functools.partial(sqlite_direct.write_trail, rows, events))
-            return
-        if trail:
-            trail_rows = [dict(zip(_TRAIL, row, strict=True)) for row in trail]
-            await self.connection.execute(insert(batch_event), trail_rows)
-        if outbox:
-            outbox_rows = [dict(zip(_OUTBOX, row, strict=True)) for row in outbox]
-            await self.connection.execute(insert(event_outbox), outbox_rows)
+        elif trail or outbox:
+            write = functools.partial(postgres_direct.write_trail, trail, outbox)
+            await postgres_direct.run(self.connection, write)
 
 
 # A request's row: from SQLAlchemy, or from the driver directly (`sqlite_direct`).
 _Row = RowMapping | Mapping[str, Any]
-# The columns of `_Tx`'s trail and outbox rows, in order.
-_TRAIL = ("batch_request_id", "at", "from_state", "to_state", "attempt", "detail")
-_OUTBOX = ("event_id", "body", "created_at")
 # An outcome whose row another transaction had locked (PostgreSQL): to be written alone.
 _LOCKED = object()
 # The trail row of a request an operator put back to pending (`orchestrator requeue`).

@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import Boolean
 
 from orchestrator.store.schema import (
+    ADD_COLUMNS,
     NO_LEASE,
     OUTCOME,
     UtcDateTime,
@@ -35,22 +36,6 @@ from orchestrator.store.schema import (
     sqlite_text,
 )
 
-# What `add` writes of a request, in the order of the rows `SqlBatchStore` hands to `add_requests`.
-ADD_COLUMNS = (
-    "request_id",
-    "dataset_id",
-    "fingerprint",
-    "input_format",
-    "multiline_json",
-    "tags",
-    "files",
-    "state",
-    "attempts",
-    "next_attempt_at",
-    "needs_lookup",
-    "created_at",
-    "updated_at",
-)
 # Rows per INSERT: 13 values each stays far under SQLite's limit of 32,766 bound values.
 ROWS_PER_INSERT = 500
 
