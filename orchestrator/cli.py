@@ -220,7 +220,7 @@ def _run(settings: Settings, until_idle: bool) -> int:
     problems = settings.aep.credentials_problems()
     if problems:
         raise ConfigError(problems)
-    return eventloop.run(service.run(settings, until_idle=until_idle))
+    return eventloop.run(service.run(settings, until_idle=until_idle, freeze_start_up=True))
 
 
 # -- enqueue -----------------------------------------------------------------------------------

@@ -430,3 +430,22 @@ def test_a_bare_id_line_becomes_the_message_the_general_path_makes(line: bytes) 
 def test_lines_that_are_not_bare_ids_are_still_judged_in_full(line: bytes) -> None:
     with pytest.raises(InvalidMessage):
         message_body(line)
+
+
+def test_run_has_the_service_freeze_its_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's process is the service's alone: it asks the service to freeze what start-up made
+    (`service._freeze_start_up`); in-process callers, like the tests, do not."""
+    from orchestrator import service
+
+    asked: list[dict[str, object]] = []
+
+    async def run(settings: object, **options: object) -> int:
+        asked.append(options)
+        return 0
+
+    monkeypatch.setattr(service, "run", run)
+    for name, value in {"CLIENT_ID": "cid", "CLIENT_SECRET": "secret", "ORG_ID": "ORG@AdobeOrg"}.items():
+        monkeypatch.setenv(f"ORCH_AEP__{name}", value)
+
+    assert main(["run", "--until-idle"]) == 0
+    assert asked == [{"until_idle": True, "freeze_start_up": True}]

@@ -237,3 +237,33 @@ async def test_a_file_lost_while_the_service_runs_stops_it(
     assert lost["level"] == "error"
     assert lost["problem"] == "deleted"
     assert lost["path"] == str(tmp_path / f"{role}.db")
+
+
+# --- the garbage collector ---------------------------------------------------------------------------
+
+
+async def test_start_up_is_frozen_once_done_before_any_request_when_asked(
+    tmp_path: Path, mock: aioresponses, log_output: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mock.post(IMS_URL, payload={"access_token": "t", "expires_in": 86399}, repeat=True)
+    mock.post(CREATE_URL, status=201, payload={"id": "batch-1", "status": "loading"})
+    at_freeze: list[list[str]] = []  # the events logged when the collector was frozen
+    # Recorded, not done: frozen, the test process would keep its garbage for good.
+    monkeypatch.setattr(
+        service.gc, "freeze", lambda: at_freeze.append([e["event"] for e in events(log_output)])
+    )
+    settings = service_settings(tmp_path)
+    await publish(settings, GOOD)
+
+    done = service.run(settings, until_idle=True, freeze_start_up=True)
+    assert await asyncio.wait_for(done, 30) == 0
+
+    [logged] = at_freeze
+    assert "service.started" in logged
+    assert not any(event.startswith(("intake.", "dispatcher.")) for event in logged)
+    assert sum(len(calls) for key, calls in mock.requests.items() if key[1].path.endswith("/batches")) == 1
+    # Without being asked (a test's process, as here), the service leaves the collector alone.
+    await publish(settings, BAD)
+    mock.post(CREATE_URL, status=201, payload={"id": "batch-2", "status": "loading"})
+    assert await asyncio.wait_for(service.run(settings, until_idle=True), 30) == 0
+    assert len(at_freeze) == 1
