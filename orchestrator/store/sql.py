@@ -5,8 +5,9 @@ CONFLICT DO NOTHING`, `FOR UPDATE SKIP LOCKED` on PostgreSQL (SQLite needs none:
 makes each write transaction the only writer), timestamps (SQLite keeps naive text; `UtcDateTime`
 stores UTC and hands back aware datetimes on both), the clock leases run on (`_lease_clock`), how
 writes reach the database (one group-committing writer on SQLite, concurrent pooled transactions on
-PostgreSQL: see `SqlBatchStore`), and, on SQLite, the create path's writes (adds, claims, outcomes
-of plain values, trail and outbox rows), which go to the driver directly (`sqlite_direct`).
+PostgreSQL: see `SqlBatchStore`), and the create path's writes (adds, claims, outcomes of plain
+values, trail and outbox rows), which go to the driver directly, inside SQLAlchemy's transaction
+(`sqlite_direct`, `postgres_direct`).
 
 The schema belongs to the Alembic migrations in `migrations/`, applied at `open()`. The tables below
 describe it for the queries; `tests/unit/test_store.py` checks the two agree.
