@@ -100,3 +100,35 @@ def test_the_throughput_row_gives_the_median_pair_and_the_spread(bench: ModuleTy
     [row] = bench.summary_rows({"throughput": {"figures": {"backends": {"embedded": single}}}})
     assert "median" not in row["value"]
     assert row["met"] is False
+
+
+def _frame(function: str, path: str, time: float, *children: dict[str, object]) -> dict[str, object]:
+    return {
+        "function": function,
+        "file_path": path,
+        "file_path_short": path,
+        "time": time,
+        "children": list(children),
+    }
+
+
+def test_the_cpu_breakdown_takes_uvloop_s_hidden_wait_off_the_event_loop() -> None:
+    spec = importlib.util.spec_from_file_location("bench_cpu_profile", ROOT / "bench" / "cpu_profile.py")
+    assert spec is not None
+    assert spec.loader is not None
+    profile = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = profile
+    spec.loader.exec_module(profile)
+    lib = "/v/lib/python3.11"
+    # 3 s of wall-clock samples: 2 s in the loop's own frame (uvloop: its wait and its work), 1 s in
+    # aiohttp. The main thread used 1.5 s of CPU, so 1.5 s of the loop's 2 s were the wait.
+    client = _frame("_request", f"{lib}/site-packages/aiohttp/client.py", 1.0)
+    loop = _frame("run", f"{lib}/asyncio/runners.py", 3.0, client)
+    stats = {"process_cpu_s": 1.5, "main_thread_cpu_s": 1.5, "duration_s": 3.0, "samples": 3000}
+
+    result = profile.breakdown({"root_frame": loop}, stats)
+
+    assert result["main_thread_idle_s"] == 1.5
+    assert result["main_thread_busy_s"] == 1.5
+    assert result["shares"][profile.LOOP] == round(0.5 / 1.5, 4)
+    assert result["shares"]["aiohttp (client)"] == round(1.0 / 1.5, 4)
