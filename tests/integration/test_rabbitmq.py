@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiormq
 import pytest
 from structlog.testing import capture_logs
 
@@ -149,20 +150,20 @@ async def test_a_batch_is_acked_with_one_frame_unless_an_earlier_delivery_is_hel
     broker: RabbitBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     acks: list[tuple[int | None, bool]] = []
-    ack = aio_pika.IncomingMessage.ack
+    ack = aiormq.Channel.basic_ack
 
-    async def counted(message: aio_pika.IncomingMessage, multiple: bool = False) -> None:
-        acks.append((message.delivery_tag, multiple))
-        await ack(message, multiple=multiple)
+    async def counted(channel: aiormq.Channel, delivery_tag: int, multiple: bool = False) -> None:
+        acks.append((delivery_tag, multiple))
+        await ack(channel, delivery_tag, multiple=multiple)
 
-    monkeypatch.setattr(aio_pika.IncomingMessage, "ack", counted)
+    monkeypatch.setattr(aiormq.Channel, "basic_ack", counted)
     await broker.publish_many([body(i) for i in range(7)])
     consumer = open_consumer(broker.url, broker.name)
     await consumer.open()
     try:
         first = await receive(consumer, 3)
         await consumer.ack_many(first)
-        assert acks == [(max(d.handle.message.delivery_tag for d in first), True)]  # type: ignore[attr-defined]
+        assert acks == [(max(d.handle.tag for d in first), True)]  # type: ignore[attr-defined]
         acks.clear()
         held = await receive(consumer, 1)
         later = await receive(consumer, 3)
