@@ -10,9 +10,9 @@ the HTTP calls themselves. Here each of those writes is one function run on aios
 them. The transaction, its commit and rollback, stay SQLAlchemy's.
 
 Everything rarer (rejects, renewals, releases, reconciliations, the upload stage) stays on
-SQLAlchemy Core; PostgreSQL's own direct path is `postgres_direct`. Times are written and read in `UtcDateTime`'s text (`schema`),
-so rows read back the same whichever way they were written; `tests/unit/test_store.py` runs the same
-tests over both paths.
+SQLAlchemy Core; PostgreSQL's own direct path is `postgres_direct`. Times are written and read in
+`UtcDateTime`'s text (`schema`), so rows read back the same whichever way they were written;
+`tests/unit/test_store.py` runs the same tests over both paths.
 """
 
 from __future__ import annotations
