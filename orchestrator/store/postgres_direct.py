@@ -8,7 +8,7 @@ brokered`). Here each is SQL text written once, sent with asyncpg's own statemen
 as arrays (`unnest`): one statement and one round trip for a claim, an add of many requests, the
 trail rows of a transaction, or the lease check of many outcomes.
 
-They run inside the transaction SQLAlchemy began (`driver`): its commit and rollback, and the
+They run inside the transaction SQLAlchemy began (`run`): its commit and rollback, and the
 pool's handling of a broken connection, stay SQLAlchemy's. Everything rarer (rejects, renewals,
 releases, reconciliations, the upload stage) stays on SQLAlchemy Core, as on SQLite
 (`sqlite_direct`). The array types are the table's own column types, so this cannot drift from the
@@ -53,9 +53,10 @@ async def run(connection: AsyncConnection, work: Callable[[Any], Awaitable[T]]) 
     SQLAlchemy's asyncpg adapter starts its transaction at the first statement it executes, so
     before the first direct one it is started here, the adapter's way, and the adapter commits or
     rolls it back as usual. `_transaction`, `_start_transaction` and `_connection` are the
-    adapter's own (SQLAlchemy is pinned in pyproject.toml; tests/integration/test_store_postgres.py
-    fails should a release change them). Errors are raised as SQLAlchemy would raise them, so
-    callers see one kind of error from the store whichever path the write took."""
+    adapter's own (SQLAlchemy's minor version is pinned in pyproject.toml;
+    tests/integration/test_store_postgres.py fails should a release change them). Errors are raised
+    as SQLAlchemy would raise them, so callers see one kind of error from the store whichever path
+    the write took."""
     pooled = await connection.get_raw_connection()
     adapted: Any = pooled.dbapi_connection  # AsyncAdapt_asyncpg_connection
     driver = adapted.dbapi.asyncpg

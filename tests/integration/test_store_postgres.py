@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+from functools import partial
 from uuid import uuid4
 
 import pytest
@@ -20,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from orchestrator.store import postgres_direct
 from orchestrator.store.base import State
 from orchestrator.store.engine import POSTGRES_POOL_SIZE, async_url, create_engine
 from orchestrator.store.sql import _MIGRATION_LOCK, SqlBatchStore
@@ -215,3 +217,33 @@ async def test_a_connection_dropped_mid_transaction_fails_that_write_only(make_s
     assert (record.state, record.batch_id) == (State.PENDING, None)  # nothing of it committed
     assert await store.mark_created(claim, "b1", "loading", at) is True
     assert (await store.counts())[State.CREATED] == 1
+
+
+async def test_direct_writes_commit_and_roll_back_with_sqlalchemy_s_transaction(
+    make_store: MakeStore,
+) -> None:
+    """The adds, claims, outcomes and trail rows sent to asyncpg directly run inside the transaction
+    SQLAlchemy began (`postgres_direct.run` starts it the adapter's way): rolled back with it, not
+    written on their own. Fails should a SQLAlchemy release change the adapter's attributes."""
+    store = await make_store()
+    engine = store._engine
+    assert engine is not None
+    at = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+
+    async def add(request_id: str, *, then_fail: bool) -> None:
+        row = (request_id, "ds1", "f", None, None, "{}", None, "pending", 0, at, False, at, at)  # ADD_COLUMNS
+        async with engine.begin() as connection:
+            added = await postgres_direct.run(connection, partial(postgres_direct.add_requests, [row]))
+            assert list(added) == [request_id]  # written, in the transaction
+            if then_fail:
+                raise RuntimeError("rolled back")
+
+    with pytest.raises(RuntimeError, match="rolled back"):
+        await add("gone", then_fail=True)
+    await add("kept", then_fail=False)
+
+    assert await store.get("gone") is None
+    kept = await store.get("kept")
+    assert kept is not None
+    assert kept.state is State.PENDING
+    assert kept.created_at == at
