@@ -147,10 +147,10 @@ async def write_outcomes(
     db: Any,
 ) -> tuple[dict[tuple[str, str], tuple[Any, ...]], set[tuple[str, str]]]:
     """Outcomes written together, fenced by their leases. `pairs`: each outcome's (request id,
-    lease token); `updates`: per set of columns, the outcomes' pairs and values. Locks the rows
-    whose lease still holds, then per set of columns one executemany over them, dropping their
-    lease. Returns the OUTCOME columns of the rows written, by pair, and the pairs skipped because
-    another transaction holds their row."""
+    lease token); `updates`: per set of columns, the outcomes' pairs and values (through `bind`
+    already). Locks the rows whose lease still holds, then per set of columns one executemany over
+    them, dropping their lease. Returns the OUTCOME columns of the rows written, by pair, and the
+    pairs skipped because another transaction holds their row."""
     request_ids, tokens = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
     held = {(row[1], row[-1]): tuple(row)[:-1] for row in await db.fetch(_HELD, request_ids, tokens)}
     locked: set[tuple[str, str]] = set()
@@ -159,7 +159,7 @@ async def write_outcomes(
         present = await db.fetch(_PRESENT, [pair[0] for pair in missing], [pair[1] for pair in missing])
         locked = {(request_id, token) for request_id, token in present}
     for columns, outcomes in updates.items():
-        parameters = [(*map(bind, values), held[pair][0]) for pair, values in outcomes if pair in held]
+        parameters = [(*values, held[pair][0]) for pair, values in outcomes if pair in held]
         if parameters:
             await db.executemany(_update_sql(columns), parameters)
     return held, locked

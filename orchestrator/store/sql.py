@@ -876,7 +876,7 @@ class SqlBatchStore(LifecycleQueries):
     async def _add_many(self, tx: _Tx, requests: list[tuple[BatchRequest, datetime]]) -> list[AddResult]:
         rows = []
         for request, now in requests:
-            stamp: datetime | str = sqlite_text(now) if tx.direct else now
+            stamp: datetime | str = sqlite_text(now) if tx.sqlite else now
             rows.append(
                 # ADD_COLUMNS
                 (
@@ -895,7 +895,7 @@ class SqlBatchStore(LifecycleQueries):
                     stamp,
                 )
             )
-        if tx.direct:
+        if tx.sqlite:
             inserted = await on_driver(tx.connection, functools.partial(sqlite_direct.add_requests, rows))
         else:
             add = functools.partial(postgres_direct.add_requests, rows)
@@ -914,7 +914,7 @@ class SqlBatchStore(LifecycleQueries):
             # Never overwrite: the first request under a key is the one that counts.
             keys = sorted({requests[index][0].request_id for index in others})
             fingerprints: dict[str, str]
-            if tx.direct:
+            if tx.sqlite:
                 lookup = functools.partial(sqlite_direct.fingerprints, keys)
                 fingerprints = await on_driver(tx.connection, lookup)
             else:
@@ -1219,12 +1219,11 @@ class _Op:
 
 class _Tx:
     """A write transaction, collecting its trail and outbox rows to insert before commit, which go to
-    the driver directly (`sqlite_direct`, or `postgres_direct` with `postgres`). `direct`: SQLite's
-    driver."""
+    the driver directly (`sqlite_direct`, or `postgres_direct` with `postgres`)."""
 
     def __init__(self, connection: AsyncConnection, *, postgres: bool) -> None:
         self.connection = connection
-        self.direct = not postgres
+        self.sqlite = not postgres
         self._trail: list[tuple[int, datetime, str | None, str, int, str | None]] = []
         self._outbox: list[tuple[str, str, datetime]] = []
         self.wrote_events = False
@@ -1262,7 +1261,7 @@ class _Tx:
         trail, outbox = self._trail, self._outbox
         self._trail, self._outbox = [], []
         self.wrote_events = self.wrote_events or bool(outbox)
-        if self.direct:
+        if self.sqlite:
             if trail or outbox:
                 rows = [(pk, sqlite_text(at), *rest) for pk, at, *rest in trail]
                 events = [(event_id, body, sqlite_text(at)) for event_id, body, at in outbox]
