@@ -25,8 +25,8 @@ PostgreSQL needs none of this; its URLs get the asyncpg driver (an optional extr
   (15 in a burst) serve the default 16 calls in flight with little waiting, and a write that finds
   none free waits for one (up to SQLAlchemy's `pool_timeout`, 30 s) rather than failing. Three
   replicas stay at 45 connections at most, inside PostgreSQL's default `max_connections` of 100;
-- `pool_pre_ping`: every checkout tests the connection first, so the connections a database restart
-  broke are replaced instead of failing the next statement (reference §4). A connection lost in
+- a pre-ping (`_ping`): every checkout tests the connection first, so the connections a database
+  restart broke are replaced instead of failing the next statement (reference §4). A connection lost in
   the middle of a transaction still fails that transaction: the callers treat it as any store
   error (wait, then try again), and nothing half-written is committed;
 - a connect timeout, so that a database that does not answer at all fails a checkout within
@@ -46,9 +46,10 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InvalidatePoolError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, StaticPool
+from sqlalchemy.util import await_only
 
 from orchestrator.settings import ConfigError
 
@@ -109,13 +110,28 @@ def create_engine(
     if target.get_backend_name() == "sqlite":
         return _sqlite_engine(target, synchronous, pool_size or 1)
     _require_asyncpg()
-    return create_async_engine(
+    engine = create_async_engine(
         target,
-        pool_pre_ping=True,
         pool_size=pool_size or POSTGRES_POOL_SIZE,
         max_overflow=POSTGRES_MAX_OVERFLOW,
         connect_args={"timeout": POSTGRES_CONNECT_TIMEOUT},
     )
+    event.listen(engine.sync_engine, "checkout", _ping)
+    return engine
+
+
+def _ping(adapted: Any, _record: Any, _proxy: Any) -> None:
+    """SQLAlchemy's `pool_pre_ping`, in one round trip where its asyncpg adapter takes three.
+
+    The adapter pings inside a transaction of its own (BEGIN, `;`, ROLLBACK) for PgBouncer's
+    transaction mode, which the store's prepared statements do not support anyway; and a claim or
+    an outcome waits for every round trip on a loop that is busy with calls. A connection whose
+    ping fails is replaced, and every pooled connection older than it too, as after a failed
+    pre-ping (`InvalidatePoolError`): after a database restart none of them fails a statement."""
+    try:
+        await_only(adapted._connection.fetchrow(";"))
+    except Exception as error:
+        raise InvalidatePoolError(f"ping failed: {type(error).__name__}") from error
 
 
 async def open_engine(

@@ -46,9 +46,17 @@ _OUTCOME = tuple(column.name for column in OUTCOME)
 _UNLEASE = ", ".join(f"{name} = NULL" for name in NO_LEASE)
 
 
-async def run(connection: AsyncConnection, work: Callable[[Any], Awaitable[T]]) -> T:
+async def run(
+    connection: AsyncConnection, work: Callable[[Any], Awaitable[T]], *, one_statement: bool = False
+) -> T:
     """Run `work` with the asyncpg connection under `connection`, in the transaction SQLAlchemy
-    began on it.
+    began on it; with `one_statement` (`work` is a single statement, the transaction's only one),
+    as that statement's own implicit transaction instead.
+
+    `one_statement` saves the BEGIN's and the COMMIT's round trips, half of a claim's with the
+    checkout's ping. Each waits for a turn of a loop that is busy with the calls, and the claim loop
+    waits for the claim (10 ms instead of 11 at 2,500 requests a second). A statement is atomic on
+    its own, and the commit SQLAlchemy then asks for has nothing to send.
 
     SQLAlchemy's asyncpg adapter starts its transaction at the first statement it executes, so
     before the first direct one it is started here, the adapter's way, and the adapter commits or
@@ -60,8 +68,11 @@ async def run(connection: AsyncConnection, work: Callable[[Any], Awaitable[T]]) 
     pooled = await connection.get_raw_connection()
     adapted: Any = pooled.dbapi_connection  # AsyncAdapt_asyncpg_connection
     driver = adapted.dbapi.asyncpg
+    if one_statement and adapted._transaction is not None:
+        # What ran before it on this transaction would be committed with it, not before it.
+        raise RuntimeError(f"{_name(work)}: one statement, but the transaction has begun")
     try:
-        if adapted._transaction is None:
+        if not one_statement and adapted._transaction is None:
             await adapted._start_transaction()
         return await work(adapted._connection)
     except adapted.dbapi.Error as exc:  # already translated (by `_start_transaction`)

@@ -366,7 +366,7 @@ class SqlBatchStore(LifecycleQueries):
             # retry that comes early or late is still one attempt, fenced by its own lease.
             if self._postgres:
                 lease = functools.partial(postgres_direct.lease_due, owner, token, limit, now, lease_seconds)
-                return _claims(*await postgres_direct.run(tx.connection, lease))
+                return _claims(*await postgres_direct.run(tx.connection, lease, one_statement=True))
             expires = now + timedelta(seconds=lease_seconds)
             leased = functools.partial(
                 sqlite_direct.lease_due, owner, token, limit, sqlite_text(now), sqlite_text(expires)

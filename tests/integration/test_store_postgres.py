@@ -12,6 +12,7 @@ import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 from uuid import uuid4
 
 import pytest
@@ -222,7 +223,7 @@ async def test_a_connection_dropped_mid_transaction_fails_that_write_only(make_s
 async def test_direct_writes_commit_and_roll_back_with_sqlalchemy_s_transaction(
     make_store: MakeStore,
 ) -> None:
-    """The adds, claims, outcomes and trail rows sent to asyncpg directly run inside the transaction
+    """The adds, outcomes and trail rows sent to asyncpg directly run inside the transaction
     SQLAlchemy began (`postgres_direct.run` starts it the adapter's way): rolled back with it, not
     written on their own. Fails should a SQLAlchemy release change the adapter's attributes."""
     store = await make_store()
@@ -247,3 +248,36 @@ async def test_direct_writes_commit_and_roll_back_with_sqlalchemy_s_transaction(
     assert kept is not None
     assert kept.state is State.PENDING
     assert kept.created_at == at
+
+
+async def test_a_claim_is_one_statement_in_a_transaction_of_its_own(
+    make_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim (one statement that locks and leases the due rows) is sent without BEGIN and COMMIT,
+    and is committed when it answers; a statement sent so after others of a transaction is refused,
+    as it would commit them too."""
+    store = await make_store()
+    engine = store._engine
+    assert engine is not None
+    at = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    await store.add(unit.request(), at)
+    in_transaction: list[bool] = []
+    lease_due = postgres_direct.lease_due
+
+    async def watched(*args: Any) -> tuple[list[Any], set[int]]:
+        in_transaction.append(args[-1].is_in_transaction())  # the asyncpg connection
+        return await lease_due(*args)
+
+    monkeypatch.setattr(postgres_direct, "lease_due", watched)
+    [claim] = await store.claim("d1", 5, 30, at)
+    assert in_transaction == [False]
+    async with engine.connect() as other:
+        token = (await other.execute(text("SELECT lease_token FROM batch_request"))).scalar_one()
+    assert token == claim.lease  # committed, seen from another connection
+
+    async with engine.begin() as connection:
+        await connection.execute(text("SELECT 1"))
+        with pytest.raises(RuntimeError, match="one statement"):
+            await postgres_direct.run(
+                connection, partial(lease_due, "d2", "t2", 5, at, 30.0), one_statement=True
+            )

@@ -8,6 +8,7 @@ import random
 from collections.abc import Sequence
 from datetime import datetime
 from types import TracebackType
+from typing import Any
 
 from orchestrator.aep.errors import AepHttpError
 from orchestrator.clock import ManualClock
@@ -160,3 +161,20 @@ class CountingStore(SqlBatchStore):
             self.fail_renewals -= 1
             raise OSError("disk I/O error")
         return await super().renew(claims, lease_seconds, now)
+
+
+class GatedStore(SqlBatchStore):
+    """The real store, whose `created` outcomes wait for `gate` (an outcome writer slow to commit)."""
+
+    def __init__(self, store: SqlBatchStore) -> None:
+        self.__dict__.update(store.__dict__)
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def mark_created(self, claim: Claim, *args: Any, **kwargs: Any) -> bool:
+        self.waiting += 1
+        try:
+            await self.gate.wait()
+        finally:
+            self.waiting -= 1
+        return await super().mark_created(claim, *args, **kwargs)

@@ -9,10 +9,10 @@ import pytest
 from orchestrator.aep.api import Batch, BatchApi
 from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError, AuthError
 from orchestrator.clock import ManualClock
-from orchestrator.pipeline.dispatcher import FINAL_LOOKUP_TRIES
+from orchestrator.pipeline.dispatcher import FINAL_LOOKUP_TRIES, RECORDING_ROOM
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
-from tests.unit.dispatching import DS, EXT, SETTLE, CountingStore, Running, add, http
+from tests.unit.dispatching import DS, EXT, SETTLE, CountingStore, GatedStore, Running, add, http
 from tests.unit.fakes import Call, FakeApi, Hang, until
 
 
@@ -448,6 +448,33 @@ async def test_concurrency_bound(store: SqlBatchStore, clock: ManualClock, concu
     assert len(api.calls) == len(ids)
     assert {r.state for r in await store.records()} == {State.CREATED}
     assert len({r.batch_id for r in await store.records()}) == len(ids)
+
+
+async def test_calls_waiting_only_for_their_outcome_leave_the_claim_window(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    """A call that answered waits for its outcome's commit (the outcome writer's next transaction);
+    meanwhile its place in the claim window goes to the next request, so a slow commit does not
+    starve the calls. Those waiting are bounded too: RECORDING_ROOM windows in all."""
+    gated = GatedStore(store)
+    api, window = FakeApi(), 2
+    ids = [f"r{i}" for i in range(10)]
+    await add(store, clock, *ids)
+    async with Running(gated, api, clock, concurrency=window) as run:
+        bound = window * RECORDING_ROOM
+
+        def full() -> bool:  # every place taken, and the claim loop asleep for a freed one
+            return gated.waiting == bound and clock.sleepers >= 2
+
+        await until(full)
+        assert len(api.calls) == bound  # not `window`: those waiting for their commit left it
+        assert run.dispatcher.in_flight == bound
+        gated.gate.set()
+        await until(lambda: run.dispatcher.stats.created == len(ids))
+    records = await store.records()
+    assert {r.state for r in records} == {State.CREATED}
+    assert len({r.batch_id for r in records}) == len(ids)
+    assert len(api.calls) == len(ids)
 
 
 async def test_wake_picks_up_new_requests_at_once(store: SqlBatchStore, clock: ManualClock) -> None:
