@@ -40,9 +40,11 @@ from orchestrator.store.sql import SqlBatchStore
 log = logs.get("service")
 
 
-# Requests the dispatcher holds per call slot. A request spends time on either side of its call
-# (claimed, then recorded), and while it does its slot could carry another call; holding a few per
-# slot keeps every slot busy. Calls in flight stay bounded by ORCH_LIMITS__CONCURRENCY (the limiter).
+# Requests the dispatcher holds per call slot before their calls. A request spends time before its
+# call (claimed, then waiting for its task's turn and the limiter), and while it does its slot could
+# carry another call; holding a few per slot keeps every slot busy. Those whose call answered and
+# which wait only for their outcome's commit leave this window (`Dispatcher._free`). Calls in flight
+# stay bounded by ORCH_LIMITS__CONCURRENCY (the limiter).
 CLAIMS_PER_CALL_SLOT = 4
 
 
