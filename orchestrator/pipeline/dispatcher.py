@@ -86,7 +86,8 @@ class Dispatcher:
         # They leave the claim window (`_free`): an outcome waits for a commit of the outcome
         # writer, and on PostgreSQL a third to a half of a window of 64 sat there, so fewer
         # requests were ready to go when a call slot freed.
-        self._recording: set[asyncio.Task[None]] = set()
+        # By the claim's identity: asking for the current task cost 1.5 % of the CPU per request.
+        self._recording: set[int] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._credentials_problem: str | None = None
         self._waiting_for_credentials = False
@@ -155,16 +156,16 @@ class Dispatcher:
         calling = len(self._tasks) - len(self._recording)
         return min(self._concurrency - calling, self._concurrency * RECORDING_ROOM - len(self._tasks))
 
-    def _called(self) -> None:
-        """The running task's call answered: it leaves the claim window (`_recording`)."""
-        task = asyncio.current_task()
-        if task is not None and task in self._tasks:
-            self._recording.add(task)
-            self._slot_freed.set()
+    def _called(self, claim: Claim) -> None:
+        """`claim`'s call answered: its task leaves the claim window (`_recording`)."""
+        self._recording.add(id(claim))
+        self._slot_freed.set()
 
     def _finished(self, task: asyncio.Task[None]) -> None:
+        claim = self._tasks.get(task)
+        if claim is not None:
+            self._recording.discard(id(claim))
         self._leases.drop(task)
-        self._recording.discard(task)
         self._slot_freed.set()
         if not task.cancelled() and task.exception() is not None:
             log.error("dispatcher.task_crashed", exc_info=task.exception())
@@ -309,7 +310,7 @@ class Dispatcher:
                 return
             creating = True
             batch = await self._api.create_batch(record.request(), self._default_format)
-            self._called()
+            self._called(claim)
             await self._created(claim, [batch], adopted=False)
         except asyncio.CancelledError:
             # Shutdown ran out of grace mid-call: if the create was sent, it may have happened.
