@@ -135,11 +135,16 @@ class Metrics:
         )
         self._call_series: dict[tuple[str, int | None], Any] = {}
         self._call_timers: dict[str, Any] = {}
-        # Series that exist from the start, so a rate() over them is defined before the first event.
-        for outcome in ("created", "adopted", "failed", "succeeded", "batch_failed"):
-            self._requests.labels(outcome)
-        for result in ("accepted", "duplicate", "conflict", "rejected"):
-            self._messages.labels(result)
+        # Series that exist from the start, so a rate() over them is defined before the first event;
+        # the two counted once or twice per request are kept, to be counted without `labels()`.
+        self._request_series = {
+            outcome: self._requests.labels(outcome)
+            for outcome in ("created", "adopted", "failed", "succeeded", "batch_failed")
+        }
+        self._message_series = {
+            result: self._messages.labels(result)
+            for result in ("accepted", "duplicate", "conflict", "rejected")
+        }
         for result in ("ok", "failed"):
             self._tokens.labels(result)
         for state in State:
@@ -178,10 +183,12 @@ class Metrics:
         self._refused.set(1 if refused else 0)
 
     def message(self, result: str) -> None:
-        self._messages.labels(result).inc()
+        series = self._message_series.get(result)
+        (self._messages.labels(result) if series is None else series).inc()
 
     def request_finished(self, outcome: str) -> None:
-        self._requests.labels(outcome).inc()
+        series = self._request_series.get(outcome)
+        (self._requests.labels(outcome) if series is None else series).inc()
 
     def retry_scheduled(self, reason: str) -> None:
         self._retries.labels(reason).inc()
