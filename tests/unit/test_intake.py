@@ -11,7 +11,7 @@ from structlog.testing import capture_logs
 
 from orchestrator.clock import ManualClock
 from orchestrator.files import FileSources
-from orchestrator.pipeline.intake import ROOM_CHECK, Intake
+from orchestrator.pipeline.intake import BATCH_SIZE, ROOM_CHECK, Intake
 from orchestrator.queues.base import Delivery, Publisher, Queue
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
@@ -326,17 +326,17 @@ async def test_stop_while_handling_finishes_the_batch_and_reads_no_more(
     store: SqlBatchStore, clock: ManualClock
 ) -> None:
     queue = FakeQueue()
-    intake = make_intake(queue, store, clock)  # reads at most 64 at a time
-    await queue.publish([msg(requestId=f"r{i}") for i in range(70)])
+    intake = make_intake(queue, store, clock, max_backlog=10 * BATCH_SIZE)  # reads BATCH_SIZE at a time
+    await queue.publish([msg(requestId=f"r{i}") for i in range(BATCH_SIZE + 6)])
     stop = asyncio.Event()
     queue.on_ack = lambda delivery: stop.set()  # SIGTERM arrives while the first batch is handled
     await asyncio.wait_for(intake.run(stop), 1)
     # The batch in hand is recorded and acked (nothing half-done); the rest stays in the queue.
-    assert len(queue.acked) == 64
+    assert len(queue.acked) == BATCH_SIZE
     assert queue.released == []
     assert queue.leased == {}
     assert len(queue.ready) == 6
-    assert len(await store.records()) == 64
+    assert len(await store.records()) == BATCH_SIZE
 
 
 async def test_stop_before_handling_releases_everything(store: SqlBatchStore, clock: ManualClock) -> None:
