@@ -41,7 +41,8 @@ log = logs.get("dispatcher")
 # learns of them from `next_due`, a busy one would otherwise only get to them once the work runs out.
 RECONCILE_CHECK = 2.0
 # Tasks a dispatcher holds in all, as a multiple of its claim window: those beyond the window wait
-# only for their outcomes to be written (`Dispatcher._free`).
+# only for their outcomes to be written (`Dispatcher._free`). Their batches exist; after a kill -9
+# they are taken over, looked up and adopted like any other request whose outcome was not recorded.
 RECORDING_ROOM = 3
 # Look-ups a request with spent attempts may still fail before it is failed for good.
 FINAL_LOOKUP_TRIES = 5
@@ -85,8 +86,9 @@ class Dispatcher:
         # Tasks whose create call has answered and which only wait for its outcome to be written.
         # They leave the claim window (`_free`): an outcome waits for a commit of the outcome
         # writer, and on PostgreSQL a third to a half of a window of 64 sat there, so fewer
-        # requests were ready to go when a call slot freed.
-        # By the claim's identity: asking for the current task cost 1.5 % of the CPU per request.
+        # requests were ready to go when a call slot freed. Kept by the claim's identity (the task
+        # holds its claim, and the claim is at hand where the running task would have to be asked
+        # for).
         self._recording: set[int] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._credentials_problem: str | None = None
