@@ -287,6 +287,9 @@ async def run(
             for task in tasks:
                 monitor.watch(task.get_name(), task)
             monitoring = asyncio.create_task(monitor.run(stop), name="monitoring")
+            # Stopping starts no call: those waiting for their turn give their work back at once,
+            # and only the calls in flight have the grace to finish.
+            gate_closer = asyncio.create_task(_close_at(stop, parts.limiter), name="gate-closer")
             relay_task = None
             if parts.relay is not None:
                 # It runs on through the dispatcher's drain below, so the events of the calls
@@ -296,6 +299,7 @@ async def run(
             if relay_task is not None:
                 tasks += (relay_task,)
             stop.set()
+            await gate_closer
             monitor.stopping()
             await asyncio.gather(intake_task, dispatch_task, stage_task, watcher, return_exceptions=True)
             ending = "stopped" if watcher.exception() is not None else watcher.result()
@@ -356,6 +360,11 @@ def exit_code(ending: Ending, failed: int) -> int:
     Invalid messages (`rejected`) do not count: they never were requests to AEP, and were
     dead-lettered and logged."""
     return 1 if ending in ("gave_up", "store_lost") or (ending == "idle" and failed > 0) else 0
+
+
+async def _close_at(stop: asyncio.Event, limiter: Limiter) -> None:
+    await stop.wait()
+    limiter.close()
 
 
 def _on_signal(stop: asyncio.Event, sig: signal.Signals) -> None:

@@ -107,8 +107,9 @@ class CallGate(Protocol):
     """What every call to the Platform API passes through (the limiter implements it).
 
     `slot()` waits out a shared pause, the rate limit and a concurrency slot, and is held while the
-    HTTP call runs; `record()` tells the gate how the call ended (its HTTP status, None when no
-    answer came, and the raw `Retry-After` header) so it can pause everyone and adapt the rate.
+    HTTP call runs (once the service is stopping, it raises `CallNotSent` instead); `record()` tells
+    the gate how the call ended (its HTTP status, None when no answer came, and the raw `Retry-After`
+    header) so it can pause everyone and adapt the rate.
     """
 
     def slot(self) -> AbstractAsyncContextManager[None]: ...

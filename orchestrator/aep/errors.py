@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class CallNotSent(Exception):
+    """The call gate closed before this call's turn came: the service is stopping, and the call was
+    never sent. Its caller gives its work back for the next run, with no attempt counted."""
+
+
 class AepError(Exception):
     """A call to AEP did not succeed.
 

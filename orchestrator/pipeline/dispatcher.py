@@ -24,7 +24,7 @@ import structlog
 
 from orchestrator import logs
 from orchestrator.aep.api import Batch, BatchApi
-from orchestrator.aep.errors import AepError, AuthError
+from orchestrator.aep.errors import AepError, AuthError, CallNotSent
 from orchestrator.clock import Clock, sleep_until_set
 from orchestrator.observe import NULL, Observer
 from orchestrator.owners import died_here
@@ -316,8 +316,11 @@ class Dispatcher:
             await self._created(claim, [batch], adopted=False)
         except asyncio.CancelledError:
             # Shutdown ran out of grace mid-call: if the create was sent, it may have happened.
-            await asyncio.shield(self._cancelled(claim, creating, settle_until))
+            await asyncio.shield(self._interrupted(claim, creating, settle_until))
             raise
+        except CallNotSent:
+            # Stopping: the call gate closed before this call's turn, so nothing was sent.
+            await asyncio.shield(self._interrupted(claim, False, settle_until))
         except NotRecorded:
             pass  # logged; the call's outcome is the store's to learn again (see `_record`)
         except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes
@@ -475,7 +478,9 @@ class Dispatcher:
             self._wake.set()
             log.warning("batch.final_lookup_scheduled", error=reason, delay=round(delay, 3))
 
-    async def _cancelled(self, claim: Claim, creating: bool, settle_until: datetime | None) -> None:
+    async def _interrupted(self, claim: Claim, creating: bool, settle_until: datetime | None) -> None:
+        """Shutdown stopped the attempt: a create that may have been sent is looked up next time,
+        anything else is given back as it was."""
         now = self._clock.now()
         try:
             if creating:

@@ -12,6 +12,9 @@ of every replica of the org and sandbox: the window is taken there instead of in
 a throttle signal pauses every replica. Should that store stop answering, each replica keeps to its
 share of the rate (RATE / replicas seen) in the process until it answers again.
 
+When the service stops, the gate closes (`Limiter.close`): the calls in flight run on, and those still
+waiting for their turn raise `CallNotSent`, so their work is given back rather than sent then.
+
 Every wait is on the injected clock, so the limiter is tested on a manual clock without waiting.
 """
 
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import logs
+from orchestrator.aep.errors import CallNotSent
 from orchestrator.clock import Clock, SystemClock
 from orchestrator.observe import NULL, Observer
 from orchestrator.pipeline.retry import parse_retry_after
@@ -284,6 +288,10 @@ class Limiter:
         self._semaphore = asyncio.Semaphore(settings.concurrency)
         self._turn = asyncio.Lock()
         self._in_flight = 0
+        # Calls waiting for their turn, and those of them `close` cancelled (see `_enter`).
+        self._closed = False
+        self._waiting: set[asyncio.Task[Any]] = set()
+        self._shut_out: set[asyncio.Task[Any]] = set()
         self._throttle_signals = 0
         # Recovery is logged when the max is reached again, otherwise at most once a second.
         self._recovery_logged_at = -math.inf
@@ -341,31 +349,76 @@ class Limiter:
 
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        # Semaphore FIRST: a call takes its rate token only once it can actually start. Taking the
-        # token first would let calls queue on the semaphore holding tokens that were "spent" earlier,
-        # then start in a bunch when slots free up: more starts per window at the server than the rate.
+        """Wait for a call's turn, then hold a slot while it runs. Raises `CallNotSent` once the
+        gate is closed (`close`), also to a call that was waiting for its turn then."""
         asked = self._clock.monotonic()
-        async with self._semaphore:
-            while True:
-                remaining = self._controller.pause_remaining()
-                if remaining > 0:
-                    await self._clock.sleep(remaining)
-                    continue
-                # One waiter at a time polls the sliding log (it polls on a timer) or the shared
-                # window: N polling waiters cost N times the wake-ups, and the lock makes the order
-                # FIFO.
-                async with self._turn:
-                    took = await self._take()
-                # A pause may have begun while we waited for the rate token: honour it. The token
-                # stays spent, which only errs on the slow side.
-                if took and self._controller.pause_remaining() <= 0:
-                    break
-            self._observer.limiter_waited(self._clock.monotonic() - asked)
-            self._in_flight += 1
+        await self._enter()
+        self._observer.limiter_waited(self._clock.monotonic() - asked)
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._semaphore.release()
+
+    def close(self) -> None:
+        """No call starts from now on: the service is stopping. The calls in flight go on; those
+        waiting for their turn, and any asked for later, raise `CallNotSent`, so their work is given
+        back for the next run at once rather than started within the shutdown's grace."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._waiting:
+            self._shut_out.add(task)
+            task.cancel()
+        log.info("limiter.closed", waiting=len(self._waiting))
+
+    async def _enter(self) -> None:
+        """Take a slot and a start (see `_turn`); `CallNotSent` when the gate is closed first."""
+        if self._closed:
+            raise CallNotSent
+        task = asyncio.current_task()
+        assert task is not None
+        self._waiting.add(task)
+        try:
+            # Semaphore FIRST: a call takes its rate token only once it can actually start. Taking
+            # the token first would let calls queue on the semaphore holding tokens that were
+            # "spent" earlier, then start in a bunch when slots free up: more starts per window at
+            # the server than the rate.
+            await self._semaphore.acquire()
             try:
-                yield
-            finally:
-                self._in_flight -= 1
+                await self._turn_to_start()
+            except BaseException:
+                self._semaphore.release()
+                raise
+        except (asyncio.CancelledError, CallNotSent):
+            # `close` cancelled this wait: that cancellation is the gate's, not the caller's (which
+            # may have cancelled too, and then gets its CancelledError).
+            if task in self._shut_out and task.uncancel() == 0:
+                raise CallNotSent from None
+            raise
+        finally:
+            self._waiting.discard(task)
+            self._shut_out.discard(task)
+
+    async def _turn_to_start(self) -> None:
+        """Wait out the shared pause and the rate; the caller holds a concurrency slot."""
+        while True:
+            if self._closed:  # at each turn: a wait below may have swallowed `close`'s cancellation
+                raise CallNotSent
+            remaining = self._controller.pause_remaining()
+            if remaining > 0:
+                await self._clock.sleep(remaining)
+                continue
+            # One waiter at a time polls the sliding log (it polls on a timer) or the shared
+            # window: N polling waiters cost N times the wake-ups, and the lock makes the order
+            # FIFO.
+            async with self._turn:
+                took = await self._take()
+            # A pause may have begun while we waited for the rate token: honour it. The token
+            # stays spent, which only errs on the slow side.
+            if took and self._controller.pause_remaining() <= 0:
+                return
 
     def record(self, status: int | None, retry_after: str | None) -> None:
         """How a call ended: a 429 (or a 503 with Retry-After) pauses everyone and lowers the rate, a

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 from orchestrator import logs
 from orchestrator.aep.api import BatchApi
-from orchestrator.aep.errors import AepError
+from orchestrator.aep.errors import AepError, CallNotSent
 from orchestrator.clock import Clock
 from orchestrator.observe import NULL, Observer
 from orchestrator.pipeline.retry import RetryPolicy, full_jitter
@@ -77,6 +77,8 @@ class Reconciler:
         except asyncio.CancelledError:
             await asyncio.shield(self._reconcile_later(claim, None))
             raise
+        except CallNotSent:  # stopping: the call gate closed before this look-up's or abort's turn
+            await asyncio.shield(self._reconcile_later(claim, None))
         except Exception as exc:  # noqa: BLE001 - retried later, and given up after a few tries
             await asyncio.shield(self._reconcile_later(claim, exc))
 

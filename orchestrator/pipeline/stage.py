@@ -23,7 +23,7 @@ import structlog
 from orchestrator import logs
 from orchestrator.aep.api import BatchState, UploadApi
 from orchestrator.aep.client import error_text
-from orchestrator.aep.errors import AepError, AuthError
+from orchestrator.aep.errors import AepError, AuthError, CallNotSent
 from orchestrator.clock import Clock, sleep_until_set
 from orchestrator.files import FileSources, SourceError
 from orchestrator.observe import NULL, Observer
@@ -190,6 +190,8 @@ class UploadStage:
                 # stay done; an upload cut short is sent again, which PUT and parts allow).
                 await asyncio.shield(self._put_back(stage))
                 raise
+            except CallNotSent:  # stopping: the call gate closed before this step's next call
+                await asyncio.shield(self._put_back(stage))
             except LeaseLost:
                 log.warning("stage.lease_lost")
             except Exception as exc:  # noqa: BLE001 - every failure is classified, none escapes

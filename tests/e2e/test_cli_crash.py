@@ -117,9 +117,16 @@ async def test_sigterm_waits_for_slow_calls_to_be_recorded(tmp_path: Path) -> No
         async with asyncio.timeout(30):
             while len(sim.stats.batches) < 8:  # noqa: ASYNC110 - no event to await
                 await asyncio.sleep(0.05)
+        made_at_signal = len(sim.stats.batches)
         service.signal(signal.SIGTERM)
         stopped = await service.wait(timeout=30)
         assert stopped.code == 0, stopped.stderr[-2000:]
+        # No call starts after SIGTERM: the requests claimed for the next calls (16 with 4 call
+        # slots) were given back at once, not sent within the grace. (One more round of 4 would
+        # need the signal to take 2.5 s to arrive; sending the claimed ones made 12 more.)
+        assert len(sim.stats.batches) <= made_at_signal + 4
+        assert '"limiter.closed"' in stopped.stderr
+        assert '"dispatcher.drain_cancelled"' not in stopped.stderr
         records = (await run(["batches", "--json"], env, tmp_path)).json_lines()
         # Nothing half-done: every batch AEP made is recorded, every other request is untouched.
         created = {r["batchId"] for r in records if r["state"] == "created"}

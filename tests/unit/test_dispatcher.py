@@ -7,12 +7,22 @@ from datetime import timedelta
 import pytest
 
 from orchestrator.aep.api import Batch, BatchApi
-from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError, AuthError
+from orchestrator.aep.errors import AepHttpError, AepTimeout, AepTransportError, AuthError, CallNotSent
 from orchestrator.clock import ManualClock
 from orchestrator.pipeline.dispatcher import FINAL_LOOKUP_TRIES, RECORDING_ROOM
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
-from tests.unit.dispatching import DS, EXT, SETTLE, CountingStore, GatedStore, Running, add, http
+from tests.unit.dispatching import (
+    DS,
+    EXT,
+    POLL_INTERVAL,
+    SETTLE,
+    CountingStore,
+    GatedStore,
+    Running,
+    add,
+    http,
+)
 from tests.unit.fakes import Call, FakeApi, Hang, until
 
 
@@ -390,6 +400,27 @@ async def test_drain_cancels_a_hung_lookup_and_releases_it(store: SqlBatchStore,
     assert (record.state, record.attempts) == (State.RETRYING, 1)  # the lookup did not count
     [claim] = await store.claim("next", 1, 60, clock.now())
     assert claim.needs_lookup  # still unsure whether the first create happened
+
+
+async def test_a_create_the_closed_gate_refused_is_given_back_as_it_was(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    """Stopping: the call gate closed before the create's turn, so nothing was sent. The request is
+    due again with no attempt counted and no look-up to make (one attempt in all would otherwise
+    have failed it)."""
+    api = FakeApi(creates=[CallNotSent()])
+    await add(store, clock, "r1")
+    async with Running(store, api, clock, max_attempts=1) as run:
+        await run.quiet()
+        record = await run.get()
+        assert (record.state, record.attempts, record.next_attempt_at) == (State.PENDING, 0, clock.now())
+        assert record.settle_until is None
+        clock.advance(POLL_INTERVAL)  # (a stopping service claims nothing more: a test's does)
+        await run.quiet()
+        record = await run.get()
+    assert (record.state, record.attempts, record.last_error) == (State.CREATED, 1, None)
+    assert api.methods == ["create", "create"]  # taken again at once, and never looked up
+    assert run.dispatcher.stats.retries == 0
 
 
 async def test_drain_lets_calls_finish_within_grace(store: SqlBatchStore, clock: ManualClock) -> None:

@@ -9,8 +9,9 @@ import sys
 from datetime import timedelta
 
 from orchestrator.aep.api import Batch
-from orchestrator.aep.errors import AepHttpError
+from orchestrator.aep.errors import AepHttpError, CallNotSent
 from orchestrator.clock import ManualClock
+from orchestrator.pipeline.dispatcher import RECONCILE_CHECK
 from orchestrator.store.base import State
 from orchestrator.store.sql import SqlBatchStore
 from tests.unit.dispatching import DS, EXT, SETTLE, Running, add, http
@@ -200,6 +201,26 @@ async def test_no_reconciliation_without_an_ambiguous_history(
         record = await run.outcome()
     assert record.reconcile_at is None
     assert api.methods == ["create"]
+
+
+async def test_a_reconciliation_the_closed_gate_refused_is_due_again_uncounted(
+    store: SqlBatchStore, clock: ManualClock
+) -> None:
+    later = [batch("b-kept", "loading", 1), batch("b-lost", "loading", 2)]
+    api = FakeApi(creates=[http(502)], lookups=[[batch("b-kept")], CallNotSent(), later])
+    await add(store, clock, "r1")
+    async with Running(store, api, clock) as run:
+        await run.outcome()
+        await run.until_due()
+        await run.step()  # the reconciliation's look-up: refused, as the service stops
+        record = await run.get()
+        assert api.methods[-1] == "lookup"
+        assert (record.reconcile_tries, record.reconcile_at) == (0, clock.now())  # due again, uncounted
+        clock.advance(RECONCILE_CHECK)  # a busy dispatcher asks for reconciliations this often
+        await run.quiet()
+    assert api.aborted == ["b-lost"]
+    record = await run.get()
+    assert (record.batch_id, record.reconcile_tries, record.reconcile_at) == ("b-kept", 0, None)
 
 
 async def test_a_failed_reconciliation_is_tried_again(store: SqlBatchStore, clock: ManualClock) -> None:

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from orchestrator.aep.errors import CallNotSent
 from orchestrator.clock import ManualClock
 from orchestrator.pipeline.limiter import (
     BETA,
@@ -334,6 +335,78 @@ async def test_a_call_waiting_for_a_slot_holds_no_rate_token(clock: ManualClock)
     await until(lambda: tasks[0].done() or clock.sleepers > 0)
     assert starts == [0.0]
     assert second.cancelled()
+
+
+async def test_closing_lets_calls_in_flight_run_and_starts_no_other(clock: ManualClock) -> None:
+    """Stopping: the call in its slot runs on; those waiting for a slot, for the rate or out a
+    pause, and any asked for later, raise CallNotSent and leave nothing held."""
+    limiter = Limiter(LimitSettings(rate=1, period=5.0, concurrency=2), clock)
+    release, inside = asyncio.Event(), asyncio.Event()
+
+    async def holder() -> str:
+        async with limiter.slot():
+            inside.set()
+            await release.wait()
+        return "ran"
+
+    first = asyncio.create_task(holder())
+    await inside.wait()
+    starts, waiting = starts_on(clock, limiter, 3)  # one waits for the rate, two for a slot
+    await until(lambda: clock.sleepers == 1)
+    with capture_logs() as logs:
+        limiter.close()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert [type(result) for result in results] == [CallNotSent] * 3
+    assert starts == []
+    assert [(entry["event"], entry["waiting"]) for entry in logs] == [("limiter.closed", 3)]
+    assert limiter.in_flight == 1
+    assert not first.done()
+    with pytest.raises(CallNotSent):
+        async with limiter.slot():
+            raise AssertionError("a call started after the gate closed")
+    release.set()
+    assert await first == "ran"
+    assert limiter.in_flight == 0
+
+
+async def test_a_caller_s_own_cancellation_is_kept_when_the_gate_closes(clock: ManualClock) -> None:
+    limiter = Limiter(LimitSettings(rate=1, period=5.0, concurrency=1), clock)
+    async with limiter.slot():  # the window's one start is spent
+        pass
+    starts, [waiting] = starts_on(clock, limiter, 1)
+    await until(lambda: clock.sleepers == 1)
+    waiting.cancel()  # the caller's (the drain's grace ran out) ...
+    limiter.close()  # ... and the gate's, before the waiter ran again
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert starts == []
+
+
+async def test_a_wait_that_swallows_the_close_still_starts_no_call(clock: ManualClock) -> None:
+    """Should a wait inside the gate (a Redis client, say) eat the close's cancellation, the call
+    is refused all the same once its wait ends."""
+    limiter = Limiter(LimitSettings(rate=1, period=5.0, concurrency=1), clock)
+    asleep, waited = asyncio.Event(), asyncio.Event()
+
+    async def deaf_sleep(seconds: float) -> None:
+        asleep.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            waited.set()  # swallowed: returns as if the time had passed
+
+    limiter.record(429, "30")  # a pause: the call sleeps on the clock
+    clock.sleep = deaf_sleep  # type: ignore[method-assign]
+    starts, [waiting] = starts_on(clock, limiter, 1)
+    await asleep.wait()
+    limiter.close()
+    with pytest.raises(CallNotSent):
+        async with asyncio.timeout(5):  # a gate that let it wait again would hang here
+            await waiting
+    assert waited.is_set()
+    assert starts == []
+    assert waiting.cancelling() == 0  # the gate's cancellation taken back
+    assert limiter.in_flight == 0
 
 
 async def test_a_fractional_rate_spaces_the_starts(clock: ManualClock) -> None:

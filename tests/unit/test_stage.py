@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from orchestrator.aep.api import BatchState, Body
-from orchestrator.aep.errors import AepHttpError, AuthError
+from orchestrator.aep.errors import AepHttpError, AuthError, CallNotSent
 from orchestrator.clock import ManualClock
 from orchestrator.files import FileSources
 from orchestrator.messages import BatchRequest, FileRef
@@ -323,6 +323,26 @@ async def test_a_stage_cut_short_mid_file_resumes_where_aep_stands(store: SqlBat
     assert api.endpoints()[0] == "files.head"
     assert "files.initialize" not in api.endpoints()
     assert api.after_complete == []
+
+
+async def test_a_call_the_closed_gate_refused_puts_the_step_back_uncounted(
+    store: SqlBatchStore, root: Path
+) -> None:
+    """Stopping: the second file's upload never got its turn. The step is due again at once with
+    no attempt counted (one attempt in all would otherwise have failed the request and aborted its
+    batch); the first file is not sent again."""
+    clock, api = ManualClock(), FakeAep()
+    batch_id = await created(store, api, clock, "r1", "part=a/one.json", "part=a/two.json")
+    api.fail["files.put"] = [None, CallNotSent()]
+
+    async with Stage(store, api, clock, root, max_attempts=1) as running:
+        record = await running.until("r1", State.SUCCEEDED)
+
+    assert running.stage.stats.retries == 0
+    assert api.batches[batch_id].status == "success"
+    puts = [name for endpoint, name in api.calls if endpoint == "files.put"]
+    assert puts == ["part=a/one.json", "part=a/two.json", "part=a/two.json"]
+    assert record.last_error is None
 
 
 async def test_a_server_error_is_retried_and_progress_starts_the_count_over(
