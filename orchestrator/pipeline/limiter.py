@@ -374,7 +374,7 @@ class Limiter:
         log.info("limiter.closed", waiting=len(self._waiting))
 
     async def _enter(self) -> None:
-        """Take a slot and a start (see `_turn`); `CallNotSent` when the gate is closed first."""
+        """Take a slot, then a start (`_turn_to_start`); `CallNotSent` when the gate closes first."""
         if self._closed:
             raise CallNotSent
         task = asyncio.current_task()
