@@ -126,9 +126,9 @@ def _ping(adapted: Any, _record: Any, _proxy: Any) -> None:
     The adapter pings inside a transaction of its own (BEGIN, `;`, ROLLBACK) for PgBouncer's
     transaction mode, which the store does not support anyway (asyncpg caches prepared statements
     per connection); and a claim or an outcome waits for every round trip on a loop that is busy
-    with calls. A connection whose
-    ping fails is replaced, and every pooled connection older than it too, as after a failed
-    pre-ping (`InvalidatePoolError`): after a database restart none of them fails a statement."""
+    with calls. A connection whose ping fails is replaced, and every pooled connection older than
+    it too, as after a failed pre-ping (`InvalidatePoolError`): after a database restart none of
+    them fails a statement."""
     try:
         await_only(adapted._connection.fetchrow(";"))
     except Exception as error:
